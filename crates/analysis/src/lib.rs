@@ -1,0 +1,1 @@
+//! Prototype-collapse analysis and evaluation (module map written with the code).

@@ -1,0 +1,1 @@
+//! Collectives (see the module map as it grows).

@@ -1,0 +1,314 @@
+//! Training configuration for protodino.
+//!
+//! One typed tree ([`TrainConfig`]) describes a DINO + KoLeo-proto run: the backbone, the
+//! projection head, the loss temperatures and centring, KoLeo-proto, the optimiser and its
+//! schedules, the multi-crop augmentation, the data set, and the run itself.
+//!
+//! Layers, later ones winning (ALGORITHM.md §1.9 for the numbers):
+//! 1. `configs/default.toml` — the official DINO *code defaults*, compiled into this crate so the
+//!    file in the repository is the single source of truth;
+//! 2. zero or more TOML files given by the user (presets such as `configs/cpu-demo.toml`);
+//! 3. environment variables `PROTODINO__SECTION__KEY=value` (e.g. `PROTODINO__OPTIM__LR=1e-3`;
+//!    lists are comma separated).
+//!
+//! Every struct denies unknown fields, so a typo in a file or a variable is an error that names
+//! the key, never a silently ignored setting. [`TrainConfig::validate`] then checks bounds and
+//! cross-field rules and names the offending field (`optim.lr`, `crops.local_crops_number`, …);
+//! the coordinator reuses it to reject job specs with `INVALID_ARGUMENT`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+mod validate;
+
+pub use validate::FieldError;
+
+/// The defaults file, embedded at build time.
+pub const DEFAULT_TOML: &str = include_str!("../../../configs/default.toml");
+
+/// Prefix of environment overrides: `PROTODINO__OPTIM__LR=1e-3`.
+pub const ENV_PREFIX: &str = "PROTODINO";
+
+/// Errors while loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file is missing, not TOML, or has a key or value of the wrong type / unknown name.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// The values parsed but break a bound or a rule.
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+}
+
+/// The whole configuration of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelConfig,
+    pub head: HeadConfig,
+    pub loss: LossConfig,
+    pub koleo: KoleoConfig,
+    pub optim: OptimConfig,
+    pub crops: CropsConfig,
+    pub data: DataConfig,
+    pub train: RunConfig,
+    pub eval: EvalConfig,
+}
+
+/// Backbone architecture names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    VitTiny,
+    VitSmall,
+    VitBase,
+    Resnet18,
+    Resnet50,
+}
+
+impl Arch {
+    pub fn is_vit(self) -> bool {
+        matches!(self, Arch::VitTiny | Arch::VitSmall | Arch::VitBase)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// ViT patch size (16 or 8 for the official models; 4 for 32 px small-image variants).
+    pub patch_size: i64,
+    /// Image size the position embedding is created for (224 official; 32–96 for small data).
+    pub img_size: i64,
+    /// Stochastic-depth rate of the last student block (linearly increasing from 0). Teacher: 0.
+    pub drop_path_rate: f64,
+    /// ResNet only: CIFAR-style stem (3×3 stride-1 conv, no max-pool) for 32–96 px inputs.
+    pub small_input_stem: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadConfig {
+    /// K, the number of prototypes.
+    pub out_dim: i64,
+    pub hidden_dim: i64,
+    pub bottleneck_dim: i64,
+    pub nlayers: i64,
+    pub use_bn: bool,
+    /// Freeze `weight_g` at 1 (unit-norm prototypes) in the student.
+    pub norm_last_layer: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    pub student_temp: f64,
+    pub teacher_temp: f64,
+    pub warmup_teacher_temp: f64,
+    pub warmup_teacher_temp_epochs: i64,
+    pub center_momentum: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KoleoConfig {
+    /// λ, the weight of KoLeo-proto in the total loss. 0 disables it (plain DINO).
+    pub weight: f64,
+    /// ε inside the log of the nearest-neighbour distance.
+    pub eps: f64,
+    /// Recompute nearest-neighbour indices every N steps (1 = every step, the default).
+    pub nn_refresh_interval: i64,
+    /// Rows per block of the blockwise similarity search (bounds memory at K×block floats).
+    pub block_rows: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    Adamw,
+    Sgd,
+    Lars,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate per 256 images (linear scaling with the global batch).
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule (not scaled).
+    pub min_lr: f64,
+    pub warmup_epochs: i64,
+    pub weight_decay: f64,
+    pub weight_decay_end: f64,
+    /// Per-parameter gradient-norm clip; 0 disables.
+    pub clip_grad: f64,
+    /// Epochs during which the last layer is skipped by the optimiser entirely.
+    pub freeze_last_layer: i64,
+    /// Initial teacher EMA momentum (cosine to 1).
+    pub momentum_teacher: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CropsConfig {
+    pub global_crop_size: i64,
+    pub global_crops_scale: [f64; 2],
+    pub local_crops_number: i64,
+    pub local_crop_size: i64,
+    pub local_crops_scale: [f64; 2],
+    /// Gaussian-blur probability of global-1, global-2, each local crop.
+    pub blur_prob: [f64; 3],
+    /// Solarisation probability of global-2.
+    pub solarize_prob: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetFormat {
+    /// `root/<class>/<file>` (JPEG/PNG).
+    ImageFolder,
+    /// A text file of `relative/path label` lines (ImageNet / iNaturalist lists).
+    FileList,
+    /// protodino packed shard files with an index.
+    Shards,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub format: DatasetFormat,
+    /// Training images (a directory, a list file, or a shard directory). Empty: the data set
+    /// that `cargo xtask data` provisions is used.
+    pub train: String,
+    /// Labelled evaluation images for k-NN (same format). Empty: no evaluation.
+    pub eval_train: String,
+    pub eval_test: String,
+    /// Use only the first N training images of the (deterministically ordered) set; 0 = all.
+    pub limit: i64,
+    /// Decode/augment threads.
+    pub num_threads: i64,
+    /// Batches prepared ahead of the training step.
+    pub prefetch_batches: i64,
+    /// Evaluation transform: resize the shorter side to this, then centre-crop `eval_crop_size`.
+    pub eval_resize: i64,
+    pub eval_crop_size: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    /// bf16 autocast on CUDA (softmaxes and KoLeo stay fp32).
+    Bf16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub epochs: i64,
+    pub batch_size_per_worker: i64,
+    /// Stop after this many optimiser steps (0 = run all epochs); for demos and tests.
+    pub max_steps: i64,
+    pub seed: u64,
+    /// libtorch intra-op threads (0 = libtorch's default).
+    pub threads: i64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub precision: Precision,
+    pub output_dir: String,
+    pub checkpoint_every_steps: i64,
+    pub checkpoint_keep: i64,
+    pub log_every_steps: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    pub knn_k: i64,
+    pub knn_temperature: f64,
+    /// ε thresholds for unique-prototype counts (the first is the headline figure).
+    pub unique_eps: Vec<f64>,
+    /// Compute collapse figures every N steps (0 = only at the end).
+    pub analysis_every_steps: i64,
+}
+
+impl TrainConfig {
+    /// The compiled-in defaults alone.
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::load_layers::<&Path>(&[], false)
+    }
+
+    /// Defaults, then each file in order, then `PROTODINO__*` environment variables; validated.
+    pub fn load<P: AsRef<Path>>(files: &[P]) -> Result<Self, ConfigError> {
+        Self::load_layers(files, true)
+    }
+
+    /// Like [`TrainConfig::load`] but without the environment layer (for tests and job specs).
+    pub fn load_files<P: AsRef<Path>>(files: &[P]) -> Result<Self, ConfigError> {
+        Self::load_layers(files, false)
+    }
+
+    /// Parse a TOML string layered over the defaults (no environment), validated.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let cfg = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()?
+            .try_deserialize::<TrainConfig>()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn load_layers<P: AsRef<Path>>(files: &[P], env: bool) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        for f in files {
+            builder = builder.add_source(
+                config::File::from(f.as_ref())
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        if env {
+            builder = builder.add_source(env_source());
+        }
+        let cfg = builder.build()?.try_deserialize::<TrainConfig>()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Serialise back to TOML-compatible JSON (recorded in checkpoint metadata).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("configuration is always serialisable")
+    }
+
+    /// Number of crops per image, V = 2 + L.
+    pub fn n_crops(&self) -> i64 {
+        2 + self.crops.local_crops_number
+    }
+}
+
+fn env_source() -> config::Environment {
+    config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("crops.global_crops_scale")
+        .with_list_parse_key("crops.local_crops_scale")
+        .with_list_parse_key("crops.blur_prob")
+        .with_list_parse_key("eval.unique_eps")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Data pipeline (see the module map as it grows).

@@ -1,0 +1,1 @@
+//! Core DINO + KoLeo-proto library (see the module map as it grows).

@@ -1,0 +1,1 @@
+//! Shared support for the multi-process scenarios under `tests/tests/`.

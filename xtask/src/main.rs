@@ -1,0 +1,158 @@
+//! protodino task runner (`cargo xtask …`).
+//!
+//! The README's two commands are `cargo xtask demo` (the main job) and `cargo xtask test` (every
+//! check). Both provision what they need by themselves — libtorch (`libtorch.rs`) and the real
+//! data sets (`data.rs`) — into a cache outside the clone (`$PROTODINO_CACHE`, else
+//! `$XDG_CACHE_HOME/protodino`, else `~/.cache/protodino`), so a second run downloads nothing.
+
+mod data;
+mod elf;
+mod libtorch;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "protodino task runner")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Provision libtorch 2.11.0 (CPU) from the PyPI wheels into the cache.
+    Libtorch,
+    /// Provision the real data sets (Fashion-MNIST, …) into the cache.
+    Data,
+    /// Run every check: rustfmt, clippy (-D warnings) and all tests, after provisioning.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// The main job: DINO + KoLeo-proto on real data, with collapse figures and k-NN results.
+    Demo {
+        /// Extra arguments for the training command.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Print the cache locations and sizes.
+    Info,
+}
+
+/// Root of the cache that survives across clones.
+pub fn cache_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("PROTODINO_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(p).join("protodino");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache/protodino")
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(repo_root());
+    c
+}
+
+fn run(mut cmd: Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed with {status}");
+    Ok(())
+}
+
+fn test(args: Vec<String>) -> Result<()> {
+    libtorch::ensure()?;
+    data::ensure()?;
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    run(fmt)?;
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(clippy)?;
+    let mut t = cargo();
+    t.args(["test", "--workspace"]).args(&args);
+    run(t)
+}
+
+fn demo(args: Vec<String>) -> Result<()> {
+    libtorch::ensure()?;
+    data::ensure()?;
+    let mut c = cargo();
+    c.args([
+        "run",
+        "--release",
+        "--package",
+        "protodino-worker",
+        "--bin",
+        "protodino",
+        "--",
+        "train",
+        "--config",
+        "configs/cpu-demo.toml",
+    ])
+    .args(&args);
+    run(c)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Libtorch => {
+            let dir = libtorch::ensure()?;
+            println!("{}", dir.display());
+        }
+        Cmd::Data => {
+            let dir = data::ensure()?;
+            println!("{}", dir.display());
+        }
+        Cmd::Test { args } => test(args)?,
+        Cmd::Demo { args } => demo(args)?,
+        Cmd::Info => {
+            let root = cache_root();
+            println!("cache: {}", root.display());
+            let lt = libtorch::install_dir();
+            if lt.exists() {
+                println!(
+                    "libtorch: {} ({} MiB)",
+                    lt.display(),
+                    libtorch::dir_size(&lt)? >> 20
+                );
+            }
+            let d = data::data_root();
+            if d.exists() {
+                println!(
+                    "data: {} ({} MiB)",
+                    d.display(),
+                    libtorch::dir_size(&d)? >> 20
+                );
+            }
+        }
+    }
+    Ok(())
+}
