@@ -8,6 +8,7 @@
 mod data;
 mod elf;
 mod libtorch;
+mod pyref;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -40,6 +41,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Provision the Python reference environment (torch 2.11.0, torchvision) and print its python.
+    Pyref,
     /// Print the cache locations and sizes.
     Info,
 }
@@ -131,6 +134,7 @@ fn main() -> Result<()> {
             let dir = data::ensure()?;
             println!("{}", dir.display());
         }
+        Cmd::Pyref => println!("{}", pyref::ensure()?.display()),
         Cmd::Test { args } => test(args)?,
         Cmd::Demo { args } => demo(args)?,
         Cmd::Info => {
