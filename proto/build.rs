@@ -5,15 +5,13 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protoc = protoc_bin_vendored::protoc_bin_path()?;
-    let well_known = protoc_bin_vendored::include_path()?;
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    let protos = [PathBuf::from("protodino/v1/protodino.proto")];
+    let includes = [PathBuf::from("."), protoc_bin_vendored::include_path()?];
     tonic_prost_build::configure()
-        .protoc_executable(protoc)
         .file_descriptor_set_path(out.join("protodino_descriptor.bin"))
-        .compile_protos(
-            &["protodino/v1/protodino.proto"],
-            &[PathBuf::from("."), well_known],
-        )?;
+        .compile_with_config(config, &protos, &includes)?;
     println!("cargo:rerun-if-changed=protodino/v1/protodino.proto");
     Ok(())
 }

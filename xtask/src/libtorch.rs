@@ -43,16 +43,16 @@ pub fn ensure() -> Result<PathBuf> {
         eprintln!("xtask: LIBTORCH_USE_PYTORCH is set: using the Python torch install");
         return Ok(PathBuf::new());
     }
-    if let Some(user) = std::env::var_os("LIBTORCH").map(PathBuf::from) {
-        if user != ours {
-            ensure!(
-                user.join("lib").is_dir(),
-                "LIBTORCH={} has no lib/ directory",
-                user.display()
-            );
-            eprintln!("xtask: using LIBTORCH={}", user.display());
-            return Ok(user);
-        }
+    if let Some(user) = std::env::var_os("LIBTORCH").map(PathBuf::from)
+        && user != ours
+    {
+        ensure!(
+            user.join("lib").is_dir(),
+            "LIBTORCH={} has no lib/ directory",
+            user.display()
+        );
+        eprintln!("xtask: using LIBTORCH={}", user.display());
+        return Ok(user);
     }
     let dir = install_dir();
     if !dir.join(".protodino-complete").exists() {
