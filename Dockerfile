@@ -22,6 +22,7 @@ RUN python3 -m venv /opt/torch \
  && ln -sf "${nccl_lib}/libnccl.so.2" "${nccl_lib}/libnccl.so"
 
 FROM torch AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential curl pkg-config \
