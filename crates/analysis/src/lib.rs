@@ -1,1 +1,29 @@
-//! Prototype-collapse analysis and evaluation (module map written with the code).
+//! Prototype-collapse analysis and evaluation for protodino (ALGORITHM.md §3, §4). Works on
+//! tensors only: the caller extracts features and logits with its models; this crate never
+//! builds a network.
+//!
+//! Module map:
+//! * [`prototypes`] — find a head's prototype layer (`…head.last_layer.weight_v` / `weight_g`)
+//!   among named tensors or in a safetensors file; effective normalised prototypes.
+//! * [`unique`] — unique-prototype counts over ε (greedy leader grouping and connected
+//!   components), group assignments, nearest-neighbour statistics, KoLeo-proto value;
+//!   blockwise, no K×K matrix.
+//! * [`usage`] — streaming prototype-usage statistics over a data set: soft / hard / grouped
+//!   MLCD, entropies and effective numbers of clusters, used clusters and groups.
+//! * [`knn`] — weighted k-NN classification exactly as DINO's `eval_knn`.
+//! * [`linear`] — linear probe on frozen features (SGD + momentum, cosine schedule).
+//! * [`fewshot`] — MSN-style few-shot logistic regression over labelled subsets and seeds,
+//!   solved by [`lbfgs`].
+//! * [`stats`], [`rng`] — entropy / quantile helpers and the seeded generator all random choices
+//!   use; `error` — [`AnalysisError`].
+
+pub mod error;
+pub mod prototypes;
+pub mod rng;
+pub mod stats;
+mod union_find;
+pub mod unique;
+
+pub use error::{AnalysisError, Result};
+pub use prototypes::{Head, PrototypeSource, Prototypes};
+pub use unique::{UniqueAnalysis, UniqueCount, UniqueOptions, UniqueReport, analyze_unique};

@@ -1,0 +1,410 @@
+//! Unique-prototype counts (ALGORITHM.md §3.2) and nearest-neighbour statistics of a prototype
+//! matrix, in one blockwise pass that never forms the K×K matrix.
+//!
+//! Two prototypes are "the same" at ε iff `D_ij = ‖μ_i − μ_j‖ < ε` on L2-normalised prototypes
+//! (`D = sqrt(max(0, 2 − 2 μ_iᵀμ_j))`). Counts are given for every ε of a list and for both
+//! grouping algorithms:
+//! * **greedy leader grouping** (primary): scan k = 0..K−1; an unassigned k opens a group and
+//!   takes every still-unassigned j with `D_kj < ε`;
+//! * **connected components** of the graph with edges `D_ij < ε` (union–find); never more than
+//!   the greedy count.
+//!
+//! How it stays fast and exact:
+//! * Only the upper triangle is computed: row block `[b0, b1)` against columns `[b0, K)` in f32
+//!   (`block_rows × K` floats of memory). Greedy needs no more, because when k is scanned every
+//!   j < k is already assigned; nearest neighbours take row maxima and column maxima of the
+//!   same blocks.
+//! * A block whose largest similarity is below the loosest threshold has no edge and costs two
+//!   reductions beyond its GEMM (the common case of a healthy head). Otherwise the candidate
+//!   pairs are extracted sparsely and handed to the scan in row order.
+//! * f32 similarities carry a rounding error of at most `|Δs| ≤ γ₂₅₆ + 2u ≈ 1.55e-5` for unit
+//!   vectors in d ≤ 256 (so `|ΔD²| ≤ 3.1e-5`). A pair whose f32 `D²` lies within
+//!   [`REFINE_BAND`] of some `ε²` is decided with the exact f64 distance of the two rows, and
+//!   only when the decision changes something (a union of two different components, or a
+//!   leader taking an unassigned row). Counts are therefore those of the f64 distances, even
+//!   at ε = 0.001 where the f32 GEMM alone could not resolve D.
+//! * Cost: K = 65536 × d = 256 is ≈ 1.1 TFLOP of f32 GEMM (half of K²·d·2); the measured time
+//!   is in the crate's report. A heavily collapsed head has many candidate pairs (a cluster of
+//!   n near-duplicates gives n²/2); they are streamed in chunks of at most [`EDGE_CHUNK`]
+//!   elements, so memory stays bounded and only the time grows.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::error::{AnalysisError, Result};
+use crate::prototypes::l2_normalize_rows;
+use crate::stats::quantile_sorted;
+use crate::union_find::UnionFind;
+
+/// The ε sweep of ALGORITHM.md §3.2 step 3.
+pub const DEFAULT_EPS: [f64; 6] = [0.001, 0.01, 0.025, 0.05, 0.1, 0.2];
+
+/// Default rows per similarity block: 2048 × 65536 f32 = 512 MiB at the largest K.
+pub const DEFAULT_BLOCK_ROWS: i64 = 2048;
+
+/// Half-width of the band around `ε²` (on `D²`) inside which the f64 distance decides.
+/// Rigorous bound of the f32 error of `D²` for unit vectors with d ≤ 256 is 3.1e-5.
+pub const REFINE_BAND: f64 = 4e-5;
+
+/// Largest number of similarity entries inspected at once when extracting candidate pairs.
+pub const EDGE_CHUNK: i64 = 1 << 23;
+
+/// Quantiles reported for the nearest-neighbour distances.
+pub const NN_QUANTILES: [f64; 7] = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99];
+
+/// Options of [`analyze_unique`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UniqueOptions {
+    /// Thresholds ε (each > 0, ≤ 2). Order is kept in the report; the first is the headline.
+    pub eps: Vec<f64>,
+    /// Rows per similarity block (memory ≈ `block_rows × K × 4` bytes).
+    pub block_rows: i64,
+}
+
+impl Default for UniqueOptions {
+    fn default() -> Self {
+        UniqueOptions {
+            eps: DEFAULT_EPS.to_vec(),
+            block_rows: DEFAULT_BLOCK_ROWS,
+        }
+    }
+}
+
+/// Counts at one ε.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UniqueCount {
+    pub eps: f64,
+    /// #groups of greedy leader grouping (the primary figure).
+    pub greedy: usize,
+    /// #connected components of the `D < ε` graph.
+    pub connected_components: usize,
+    /// `greedy / K`.
+    pub greedy_fraction: f64,
+    /// `connected_components / K`.
+    pub cc_fraction: f64,
+}
+
+/// One quantile of a distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Quantile {
+    pub q: f64,
+    pub value: f64,
+}
+
+/// Nearest-neighbour distances `d_k = min_{j≠k} ‖μ_k − μ_j‖` and the KoLeo-proto value
+/// `L_KP = −(1/K) Σ_k log(d_k + 1e-8)` (ALGORITHM.md §2.2, the project formula; a healthy
+/// random head with K = 65536, d = 256 gives ≈ −0.19).
+///
+/// The neighbour is found by an f32 similarity search (argmax, as the training-time
+/// KoLeo-proto does) and its distance is then computed exactly in f64. Among near-duplicates the
+/// f32 search cannot rank neighbours finer than its rounding, so `d_found² ≤ d_true² + 6.2e-5`;
+/// far from ties the distance is the exact minimum. This keeps the value equal to what
+/// training logs rather than spending a second K×K pass on sub-resolution ties.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NnStats {
+    pub mean: f64,
+    pub min: f64,
+    pub max: f64,
+    pub quantiles: Vec<Quantile>,
+    pub koleo_proto: f64,
+}
+
+/// The JSON-serialisable summary of a unique-prototype analysis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UniqueReport {
+    pub k: i64,
+    pub dim: i64,
+    /// Always `"greedy"`: which algorithm's count is the primary figure.
+    pub primary_algorithm: String,
+    pub counts: Vec<UniqueCount>,
+    pub nn: NnStats,
+    pub block_rows: i64,
+    /// Candidate pairs (f32 `D` below the loosest threshold plus the error band) inspected.
+    pub candidate_pairs: u64,
+    /// Pairs decided with the exact f64 distance.
+    pub exact_refinements: u64,
+    pub seconds: f64,
+}
+
+/// Everything [`analyze_unique`] computes: the report plus the per-prototype assignments.
+#[derive(Debug, Clone)]
+pub struct UniqueAnalysis {
+    pub report: UniqueReport,
+    /// For each ε (same order as the options): the greedy group of every prototype, numbered
+    /// 0.. in leader order (the input of grouped MLCD, [`crate::usage::UsageReport`]).
+    pub greedy_groups: Vec<Vec<i64>>,
+    /// For each ε: the connected component of every prototype, numbered 0.. in first appearance.
+    pub components: Vec<Vec<i64>>,
+    /// Index of the nearest neighbour of every prototype.
+    pub nn_index: Vec<i64>,
+}
+
+/// Per-ε scan state.
+struct EpsState {
+    eps: f64,
+    eps2: f64,
+    group: Vec<i64>,
+    groups: i64,
+    uf: UnionFind,
+}
+
+/// The distance of one candidate pair, refined to f64 only when needed.
+struct PairDistance<'a> {
+    d2_f32: f64,
+    exact: Option<f64>,
+    i: usize,
+    j: usize,
+    rows: &'a [f64],
+    dim: usize,
+    refinements: &'a mut u64,
+}
+
+impl PairDistance<'_> {
+    /// Whether `D < ε`.
+    fn below(&mut self, eps: f64, eps2: f64) -> bool {
+        if (self.d2_f32 - eps2).abs() > REFINE_BAND {
+            return self.d2_f32 < eps2;
+        }
+        let d = match self.exact {
+            Some(d) => d,
+            None => {
+                let a = &self.rows[self.i * self.dim..(self.i + 1) * self.dim];
+                let b = &self.rows[self.j * self.dim..(self.j + 1) * self.dim];
+                let d = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y) * (x - y))
+                    .sum::<f64>()
+                    .sqrt();
+                *self.refinements += 1;
+                self.exact = Some(d);
+                d
+            }
+        };
+        d < eps
+    }
+}
+
+/// Unique-prototype counts for every ε, the group assignments and nearest-neighbour
+/// statistics of a prototype matrix `[K, d]` (any float dtype; rows are L2-normalised here, so
+/// raw effective prototypes may be passed).
+pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<UniqueAnalysis> {
+    let start = Instant::now();
+    let size = prototypes.size();
+    if size.len() != 2 || size[0] < 2 || size[1] == 0 {
+        return Err(AnalysisError::Shape(format!(
+            "prototypes must be [K ≥ 2, d], found {size:?}"
+        )));
+    }
+    if opts.eps.is_empty() {
+        return Err(AnalysisError::invalid("eps", "the ε list is empty"));
+    }
+    if let Some(bad) = opts.eps.iter().find(|e| !(**e > 0.0 && **e <= 2.0)) {
+        return Err(AnalysisError::invalid(
+            "eps",
+            format!("{bad} is not in (0, 2]"),
+        ));
+    }
+    if opts.block_rows < 1 {
+        return Err(AnalysisError::invalid("block_rows", "must be ≥ 1"));
+    }
+    let (k, dim) = (size[0], size[1]);
+    let _guard = tch::no_grad_guard();
+    let mu64 = l2_normalize_rows(
+        &prototypes
+            .f_to_device(tch::Device::Cpu)?
+            .f_to_kind(Kind::Double)?,
+    )?
+    .f_contiguous()?;
+    let mu32 = mu64.f_to_kind(Kind::Float)?;
+    let rows: Vec<f64> = Vec::<f64>::try_from(mu64.f_reshape([-1])?)?;
+
+    let eps_max = opts.eps.iter().cloned().fold(0.0, f64::max);
+    // Loosest similarity threshold: every pair with exact D < ε_max has f32 s above it.
+    let s_lo = 1.0 - eps_max * eps_max / 2.0 - REFINE_BAND / 2.0;
+    let mut states: Vec<EpsState> = opts
+        .eps
+        .iter()
+        .map(|&eps| EpsState {
+            eps,
+            eps2: eps * eps,
+            group: vec![-1; k as usize],
+            groups: 0,
+            uf: UnionFind::new(k as usize),
+        })
+        .collect();
+
+    let best_sim = Tensor::f_full([k], -3.0, (Kind::Float, tch::Device::Cpu))?;
+    let best_idx = Tensor::f_zeros([k], (Kind::Int64, tch::Device::Cpu))?;
+    let block = opts.block_rows.min(k);
+    let lower = Tensor::f_ones([block, block], (Kind::Bool, tch::Device::Cpu))?.f_tril(0)?;
+    let mut candidate_pairs = 0u64;
+    let mut refinements = 0u64;
+
+    let mut b0 = 0;
+    while b0 < k {
+        let b = block.min(k - b0);
+        let width = k - b0;
+        let s = mu32
+            .f_narrow(0, b0, b)?
+            .f_matmul(&mu32.f_narrow(0, b0, width)?.f_tr()?)?;
+        // Pairs j ≤ i (self and lower triangle of the diagonal square) are not candidates.
+        let _ = s
+            .f_narrow(1, 0, b)?
+            .f_masked_fill_(&lower.f_narrow(0, 0, b)?.f_narrow(1, 0, b)?, -3.0)?;
+
+        let (row_max, row_arg) = s.f_max_dim(1, false)?;
+        update_best(
+            &best_sim,
+            &best_idx,
+            b0,
+            &row_max,
+            &row_arg.f_add_scalar(b0)?,
+        )?;
+        let (col_max, col_arg) = s.f_max_dim(0, false)?;
+        update_best(
+            &best_sim,
+            &best_idx,
+            b0,
+            &col_max,
+            &col_arg.f_add_scalar(b0)?,
+        )?;
+        let block_max = row_max.f_max()?.f_double_value(&[])?;
+
+        // Candidate pairs of this block, in row-major order, chunk by chunk.
+        let mut pairs: Vec<(usize, usize, f32)> = Vec::new();
+        if block_max > s_lo {
+            let rows_per_chunk = (EDGE_CHUNK / width).max(1);
+            let mut r0 = 0;
+            while r0 < b {
+                let r = rows_per_chunk.min(b - r0);
+                let sub = s.f_narrow(0, r0, r)?;
+                let mask = sub.f_gt(s_lo)?;
+                let idx = Vec::<i64>::try_from(mask.f_nonzero()?.f_reshape([-1])?)?;
+                let val = Vec::<f32>::try_from(sub.f_masked_select(&mask)?)?;
+                for (p, v) in idx.chunks_exact(2).zip(val) {
+                    pairs.push(((b0 + r0 + p[0]) as usize, (b0 + p[1]) as usize, v));
+                }
+                r0 += r;
+            }
+        }
+        candidate_pairs += pairs.len() as u64;
+
+        // The greedy scan and the unions, row by row.
+        let mut next = 0;
+        for i in b0 as usize..(b0 + b) as usize {
+            let mut leader = vec![false; states.len()];
+            for (e, st) in states.iter_mut().enumerate() {
+                if st.group[i] < 0 {
+                    st.group[i] = st.groups;
+                    st.groups += 1;
+                    leader[e] = true;
+                }
+            }
+            while next < pairs.len() && pairs[next].0 == i {
+                let (_, j, s_ij) = pairs[next];
+                next += 1;
+                let mut dist = PairDistance {
+                    d2_f32: (2.0 - 2.0 * s_ij as f64).max(0.0),
+                    exact: None,
+                    i,
+                    j,
+                    rows: &rows,
+                    dim: dim as usize,
+                    refinements: &mut refinements,
+                };
+                for (e, st) in states.iter_mut().enumerate() {
+                    let takes = leader[e] && st.group[j] < 0;
+                    let joins = st.uf.find(i as u32) != st.uf.find(j as u32);
+                    if (takes || joins) && dist.below(st.eps, st.eps2) {
+                        if takes {
+                            st.group[j] = st.group[i];
+                        }
+                        if joins {
+                            st.uf.union(i as u32, j as u32);
+                        }
+                    }
+                }
+            }
+        }
+        b0 += b;
+    }
+
+    let nn_index = Vec::<i64>::try_from(&best_idx)?;
+    let nn = nn_stats(&mu64, &best_idx)?;
+    let counts = states
+        .iter()
+        .map(|st| UniqueCount {
+            eps: st.eps,
+            greedy: st.groups as usize,
+            connected_components: st.uf.components(),
+            greedy_fraction: st.groups as f64 / k as f64,
+            cc_fraction: st.uf.components() as f64 / k as f64,
+        })
+        .collect();
+    let components = states.iter_mut().map(|st| st.uf.labels()).collect();
+    let greedy_groups = states.into_iter().map(|st| st.group).collect();
+    Ok(UniqueAnalysis {
+        report: UniqueReport {
+            k,
+            dim,
+            primary_algorithm: "greedy".to_string(),
+            counts,
+            nn,
+            block_rows: block,
+            candidate_pairs,
+            exact_refinements: refinements,
+            seconds: start.elapsed().as_secs_f64(),
+        },
+        greedy_groups,
+        components,
+        nn_index,
+    })
+}
+
+/// `best[b0 + t] = max(best[b0 + t], values[t])` with the matching index, in place.
+fn update_best(
+    best_sim: &Tensor,
+    best_idx: &Tensor,
+    b0: i64,
+    values: &Tensor,
+    index: &Tensor,
+) -> Result<()> {
+    let n = values.size()[0];
+    let mut cur_sim = best_sim.f_narrow(0, b0, n)?;
+    let mut cur_idx = best_idx.f_narrow(0, b0, n)?;
+    let better = values.f_gt_tensor(&cur_sim)?;
+    let new_sim = values.f_where_self(&better, &cur_sim)?;
+    let new_idx = index.f_where_self(&better, &cur_idx)?;
+    cur_sim.f_copy_(&new_sim)?;
+    cur_idx.f_copy_(&new_idx)?;
+    Ok(())
+}
+
+/// Exact (f64) distances to the nearest neighbours found, their statistics and `L_KP`.
+fn nn_stats(mu64: &Tensor, nn_index: &Tensor) -> Result<NnStats> {
+    let neighbours = mu64.f_index_select(0, nn_index)?;
+    let d = mu64
+        .f_sub(&neighbours)?
+        .f_norm_scalaropt_dim(2.0, [1i64].as_slice(), false)?;
+    let mut dist = Vec::<f64>::try_from(&d)?;
+    let k = dist.len() as f64;
+    let koleo_proto = -dist.iter().map(|x| (x + 1e-8).ln()).sum::<f64>() / k;
+    let mean = dist.iter().sum::<f64>() / k;
+    dist.sort_by(f64::total_cmp);
+    Ok(NnStats {
+        mean,
+        min: dist[0],
+        max: dist[dist.len() - 1],
+        quantiles: NN_QUANTILES
+            .iter()
+            .map(|&q| Quantile {
+                q,
+                value: quantile_sorted(&dist, q),
+            })
+            .collect(),
+        koleo_proto,
+    })
+}
