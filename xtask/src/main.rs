@@ -47,18 +47,9 @@ enum Cmd {
     Info,
 }
 
-/// Root of the cache that survives across clones.
+/// Root of the cache that survives across clones (shared with the binaries).
 pub fn cache_root() -> PathBuf {
-    if let Some(p) = std::env::var_os("PROTODINO_CACHE") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(p).join("protodino");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".cache/protodino")
+    protodino_config::cache_root()
 }
 
 /// The workspace root (xtask lives one level below it).

@@ -310,5 +310,27 @@ fn env_source() -> config::Environment {
         .with_list_parse_key("eval.unique_eps")
 }
 
+/// Root of protodino's download cache, shared by every clone on a machine:
+/// `$PROTODINO_CACHE`, else `$XDG_CACHE_HOME/protodino`, else `~/.cache/protodino`.
+/// `cargo xtask` provisions libtorch, the data sets and the Python reference environment there.
+pub fn cache_root() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os("PROTODINO_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(p).join("protodino");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache/protodino")
+}
+
+/// Where `cargo xtask data` puts the provisioned data sets.
+pub fn data_root() -> std::path::PathBuf {
+    cache_root().join("data")
+}
+
 #[cfg(test)]
 mod tests;
