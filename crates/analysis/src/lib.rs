@@ -18,12 +18,21 @@
 //!   use; `error` — [`AnalysisError`].
 
 pub mod error;
+pub mod fewshot;
+pub mod knn;
+pub mod lbfgs;
+pub mod linear;
 pub mod prototypes;
 pub mod rng;
 pub mod stats;
 mod union_find;
 pub mod unique;
+pub mod usage;
 
 pub use error::{AnalysisError, Result};
+pub use fewshot::{FewShotOptions, FewShotReport, fewshot_eval};
+pub use knn::{KnnOptions, KnnReport, knn_classify};
+pub use linear::{LinearProbeOptions, LinearProbeReport, linear_probe};
 pub use prototypes::{Head, PrototypeSource, Prototypes};
 pub use unique::{UniqueAnalysis, UniqueCount, UniqueOptions, UniqueReport, analyze_unique};
+pub use usage::{Assignment, Grouping, UsageAccumulator, UsageReport};
