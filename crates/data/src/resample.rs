@@ -1,0 +1,195 @@
+//! Crop + bicubic resize in one pass, bit-exact with Pillow's `Image.resize(…, BICUBIC)`.
+//!
+//! torchvision's `resized_crop` on a PIL image crops (integer box) and then calls Pillow's
+//! resampler, which is separable and antialiased: for a down-scale factor `s > 1` the cubic
+//! kernel (a = −0.5, support 2) is stretched to support `2s`. Pillow computes double-precision
+//! weights, normalises them per output pixel, converts them to 22-bit fixed point, runs the
+//! horizontal pass first into an 8-bit intermediate image, then the vertical pass. We do
+//! exactly that, except that the "crop" is only an offset into the source (no copy), the
+//! intermediate holds only the rows the vertical pass reads, and an output sub-window can be
+//! requested (the evaluation transform's centre crop of the resized image: every output pixel's
+//! weights are independent of the others, so computing only the window is identical).
+
+/// Fixed-point precision of Pillow's 8-bit resampler (`32 − 8 − 2`).
+const PRECISION_BITS: u32 = 22;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per-output-pixel fixed-point weights along one axis (Pillow's `precompute_coeffs` +
+/// `normalize_coeffs_8bpc`). Reused between crops to avoid allocation.
+#[derive(Debug, Default, Clone)]
+pub struct Coeffs {
+    ksize: usize,
+    /// (first source index, number of taps) per output pixel of the requested window.
+    bounds: Vec<(usize, usize)>,
+    kk: Vec<i32>,
+    prekk: Vec<f64>,
+}
+
+impl Coeffs {
+    /// Weights for resampling `in_size` source pixels to `out_size`, for the output pixels
+    /// `out_start .. out_start + out_len`.
+    pub fn compute(&mut self, in_size: usize, out_size: usize, out_start: usize, out_len: usize) {
+        let scale = in_size as f64 / out_size as f64;
+        let filterscale = scale.max(1.0);
+        let support = 2.0 * filterscale;
+        let ksize = support.ceil() as usize * 2 + 1;
+        self.ksize = ksize;
+        self.bounds.clear();
+        self.kk.clear();
+        self.kk.resize(out_len * ksize, 0);
+        self.prekk.clear();
+        self.prekk.resize(ksize, 0.0);
+        let ss = 1.0 / filterscale;
+        for xx in 0..out_len {
+            // Pillow: center = in0 + (xx + 0.5) * scale, with in0 = 0 after the crop.
+            let center = ((out_start + xx) as f64 + 0.5) * scale;
+            // (int) in C truncates toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let taps = xmax.saturating_sub(xmin);
+            let mut ww = 0.0;
+            for x in 0..taps {
+                let w = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+                self.prekk[x] = w;
+                ww += w;
+            }
+            let k = &mut self.kk[xx * ksize..(xx + 1) * ksize];
+            for x in 0..taps {
+                let w = if ww != 0.0 { self.prekk[x] / ww } else { self.prekk[x] };
+                let f = w * (1u32 << PRECISION_BITS) as f64;
+                k[x] = if w < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
+            }
+            self.bounds.push((xmin, taps));
+        }
+    }
+}
+
+#[inline]
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Reusable buffers of the resampler (one per worker thread).
+#[derive(Debug, Default)]
+pub struct Resampler {
+    horiz: Coeffs,
+    vert: Coeffs,
+    tmp: Vec<u8>,
+    acc: Vec<i32>,
+}
+
+/// A rectangle in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rect {
+    pub x: usize,
+    pub y: usize,
+    pub w: usize,
+    pub h: usize,
+}
+
+impl Resampler {
+    /// Resample the `src_box` of the RGB image `src` (row stride `3 * src_width`) to a full
+    /// output size `out_w × out_h`, writing only the output window `out_box` into `dst`
+    /// (interleaved RGB, `3 * out_box.w * out_box.h` bytes).
+    pub fn resize_crop(
+        &mut self,
+        src: &[u8],
+        src_width: usize,
+        src_box: Rect,
+        out_w: usize,
+        out_h: usize,
+        out_box: Rect,
+        dst: &mut [u8],
+    ) {
+        debug_assert_eq!(dst.len(), 3 * out_box.w * out_box.h);
+        self.horiz.compute(src_box.w, out_w, out_box.x, out_box.w);
+        self.vert.compute(src_box.h, out_h, out_box.y, out_box.h);
+        // Source rows the vertical pass reads (relative to the box).
+        let (first, _) = self.vert.bounds[0];
+        let last = self
+            .vert
+            .bounds
+            .iter()
+            .map(|&(s, n)| s + n)
+            .max()
+            .unwrap_or(first);
+        let rows = last - first;
+        let row_len = 3 * out_box.w;
+        self.tmp.resize(rows * row_len, 0);
+        let stride = 3 * src_width;
+        let hk = self.horiz.ksize;
+        for r in 0..rows {
+            let y = src_box.y + first + r;
+            let row = &src[y * stride + 3 * src_box.x..y * stride + 3 * (src_box.x + src_box.w)];
+            let out = &mut self.tmp[r * row_len..(r + 1) * row_len];
+            for (xx, &(xmin, taps)) in self.horiz.bounds.iter().enumerate() {
+                let k = &self.horiz.kk[xx * hk..xx * hk + taps];
+                let px = &row[3 * xmin..3 * (xmin + taps)];
+                let half = 1i32 << (PRECISION_BITS - 1);
+                let (mut s0, mut s1, mut s2) = (half, half, half);
+                for (p, &w) in px.chunks_exact(3).zip(k) {
+                    s0 += p[0] as i32 * w;
+                    s1 += p[1] as i32 * w;
+                    s2 += p[2] as i32 * w;
+                }
+                out[3 * xx] = clip8(s0);
+                out[3 * xx + 1] = clip8(s1);
+                out[3 * xx + 2] = clip8(s2);
+            }
+        }
+        let vk = self.vert.ksize;
+        self.acc.resize(row_len, 0);
+        for (yy, &(ymin, taps)) in self.vert.bounds.iter().enumerate() {
+            self.acc.fill(1i32 << (PRECISION_BITS - 1));
+            let k = &self.vert.kk[yy * vk..yy * vk + taps];
+            for (t, &w) in k.iter().enumerate() {
+                let r = ymin - first + t;
+                let row = &self.tmp[r * row_len..(r + 1) * row_len];
+                for (a, &p) in self.acc.iter_mut().zip(row) {
+                    *a += p as i32 * w;
+                }
+            }
+            let out = &mut dst[yy * row_len..(yy + 1) * row_len];
+            for (o, &a) in out.iter_mut().zip(&self.acc) {
+                *o = clip8(a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_size_is_a_copy() {
+        let src: Vec<u8> = (0..3 * 7 * 5).map(|v| (v * 37 % 256) as u8).collect();
+        let mut dst = vec![0u8; src.len()];
+        let full = Rect { x: 0, y: 0, w: 7, h: 5 };
+        Resampler::default().resize_crop(&src, 7, full, 7, 5, full, &mut dst);
+        assert_eq!(src, dst);
+    }
+
+    #[test]
+    fn constant_image_stays_constant_up_and_down() {
+        let src = vec![77u8; 3 * 40 * 30];
+        for (ow, oh) in [(13, 9), (96, 96), (5, 61)] {
+            let mut dst = vec![0u8; 3 * ow * oh];
+            let b = Rect { x: 3, y: 2, w: 30, h: 20 };
+            let o = Rect { x: 0, y: 0, w: ow, h: oh };
+            Resampler::default().resize_crop(&src, 40, b, ow, oh, o, &mut dst);
+            assert!(dst.iter().all(|&v| v == 77), "{ow}x{oh}");
+        }
+    }
+}
