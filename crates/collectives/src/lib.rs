@@ -1,1 +1,46 @@
-//! Collectives (see the module map as it grows).
+//! Collectives for protodino: all-reduce, broadcast, all-gather and barrier over a fixed group.
+//!
+//! Two backends behind the same vocabulary ([`ReduceOp`], [`CollectiveError`], rank/world):
+//! - [`RingGroup`] — CPU tensors as host slices (`f32`, `bf16`): a TCP ring formed once per group
+//!   (authenticated, persistent, `TCP_NODELAY`), with a pipelined reduce-scatter + all-gather whose
+//!   results are bit-identical on every rank; also the trivial world of one.
+//! - [`NcclGroup`] — CUDA tensors as device pointers + stream: NCCL via `cudarc`, loaded at run
+//!   time, non-blocking communicators polled against a deadline.
+//!
+//! Failure semantics (both backends): every operation has a deadline; a dead, hung or
+//! disconnected peer makes every surviving rank return an error ([`CollectiveError::is_peer_failure`])
+//! within seconds; the group is then poisoned and must be rebuilt (new ports, new membership, or a
+//! new NCCL unique id), in-process.
+//!
+//! Module map (start with `ring.rs`):
+//! - `options`   — [`GroupSpec`] (rank, world, peers, secret) and [`GroupOptions`] (deadlines, sizes)
+//! - `ring`      — [`RingGroup`]: forming the ring, all-reduce, all-gather, barrier, abort
+//! - `engine`    — the one-thread, poll-driven pipelined ring over (step, chunk) units
+//! - `broadcast` — streamed broadcast from any rank (`Read` at the root, `Write` elsewhere)
+//! - `bucket`    — many tensors at once through flat buckets (DDP-style, 25 MiB default)
+//! - `auth`      — HMAC-SHA256 challenge–response handshake proving the group secret
+//! - `frame`     — the per-operation header that catches mismatched calls
+//! - `link`      — sockets: buffers, `TCP_NODELAY`, deadline-bounded reads and writes
+//! - `element`   — `f32` / `bf16` element trait and byte views
+//! - `nccl`      — [`NcclGroup`], the GPU backend
+//! - `reference` — single-process ring-order sum and test patterns (tests, benchmark)
+//! - `error`     — [`CollectiveError`]
+
+pub mod auth;
+mod broadcast;
+mod bucket;
+pub mod element;
+mod engine;
+pub mod error;
+mod frame;
+mod link;
+pub mod nccl;
+pub mod options;
+pub mod reference;
+pub mod ring;
+
+pub use element::{DType, Element, ReduceOp};
+pub use error::{CollectiveError, Result};
+pub use nccl::{NcclDType, NcclGroup, NcclUniqueId, nccl_available};
+pub use options::{GroupOptions, GroupSpec};
+pub use ring::{RingGroup, bind_listener};

@@ -1,0 +1,342 @@
+//! The pipelined ring: one thread, two non-blocking sockets, one `poll(2)` loop.
+//!
+//! An operation is a list of [`Step`]s. At step `s` this rank sends segment `send_seg` to its
+//! successor and receives segment `recv_seg` from its predecessor, either adding it into its own
+//! copy (reduce-scatter) or overwriting its copy (all-gather). Segments move in chunks, and the
+//! invariant `steps[s].send_seg == steps[s - 1].recv_seg` makes the pipeline: chunk `c` of step
+//! `s` may leave as soon as chunk `c` of step `s - 1` has arrived and been reduced, while later
+//! chunks are still in flight. No step waits for a whole segment, and no thread is spawned.
+//!
+//! Failure handling: a read of 0 bytes, a reset, or any readable data on the successor's
+//! connection (which never carries data towards us, so readability there means it closed) is
+//! [`CollectiveError::PeerLost`]; a `poll` that sees nothing for the progress deadline is
+//! [`CollectiveError::Timeout`]. The caller poisons the group on any error.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::element::{Element, as_bytes, as_bytes_mut};
+use crate::error::{CollectiveError, Result};
+use crate::frame::{HEADER_BYTES, Header};
+use crate::link;
+
+/// One hop of an operation.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    pub send_seg: usize,
+    pub recv_seg: usize,
+    /// Add the received chunk into the local one (else copy it over).
+    pub reduce: bool,
+}
+
+/// The two ring connections of a rank and who is at their other ends.
+pub struct Links {
+    /// To the successor (`rank + 1`); we only write on it.
+    pub next: TcpStream,
+    pub next_rank: usize,
+    /// From the predecessor (`rank - 1`); we only read from it.
+    pub prev: TcpStream,
+    pub prev_rank: usize,
+}
+
+/// Position in the (step, chunk) stream of one direction.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cursor {
+    step: usize,
+    chunk: usize,
+    /// Bytes of the current chunk already moved.
+    offset: usize,
+}
+
+struct Plan<'a> {
+    bounds: &'a [usize],
+    steps: &'a [Step],
+    chunk_elems: usize,
+}
+
+impl Plan<'_> {
+    fn chunks(&self, seg: usize) -> usize {
+        (self.bounds[seg + 1] - self.bounds[seg]).div_ceil(self.chunk_elems)
+    }
+
+    /// Element range of chunk `c` of segment `seg`.
+    fn range(&self, seg: usize, c: usize) -> std::ops::Range<usize> {
+        let start = self.bounds[seg] + c * self.chunk_elems;
+        start..(start + self.chunk_elems).min(self.bounds[seg + 1])
+    }
+
+    /// Moves a cursor past finished chunks and empty steps.
+    fn normalize(&self, cur: &mut Cursor, seg_of: impl Fn(&Step) -> usize) {
+        while cur.step < self.steps.len() && cur.chunk >= self.chunks(seg_of(&self.steps[cur.step]))
+        {
+            cur.step += 1;
+            cur.chunk = 0;
+            cur.offset = 0;
+        }
+    }
+}
+
+/// What one non-blocking attempt did.
+enum Io {
+    Moved,
+    Blocked,
+}
+
+fn attempt<F: FnOnce() -> io::Result<usize>>(
+    f: F,
+    rank: usize,
+    during: &'static str,
+) -> Result<(Io, usize)> {
+    match f() {
+        Ok(0) => Err(CollectiveError::PeerLost { rank, during }),
+        Ok(n) => Ok((Io::Moved, n)),
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted =>
+        {
+            Ok((Io::Blocked, 0))
+        }
+        Err(e) => Err(link::io_error(e, rank, during)),
+    }
+}
+
+/// Runs `steps` over `buf` split at `bounds` (segment `j` is `bounds[j]..bounds[j + 1]`),
+/// preceded by the header exchange. On error the buffer holds a partial result.
+pub fn run<T: Element>(
+    links: &mut Links,
+    header: &Header,
+    buf: &mut [T],
+    bounds: &[usize],
+    steps: &[Step],
+    chunk_bytes: usize,
+    timeout: Duration,
+    during: &'static str,
+) -> Result<()> {
+    let chunk_elems = (chunk_bytes / std::mem::size_of::<T>()).max(1);
+    let plan = Plan {
+        bounds,
+        steps,
+        chunk_elems,
+    };
+    debug_assert!(steps.windows(2).all(|w| w[1].send_seg == w[0].recv_seg));
+    let any_reduce = steps.iter().any(|s| s.reduce);
+    let mut scratch: Vec<T> = if any_reduce {
+        vec![T::default(); chunk_elems.min(buf.len())]
+    } else {
+        Vec::new()
+    };
+
+    let out_header = header.encode();
+    let mut in_header = [0u8; HEADER_BYTES];
+    let (mut header_sent, mut header_recv) = (0usize, 0usize);
+    let mut send = Cursor::default();
+    let mut recv = Cursor::default();
+    let (next_rank, prev_rank) = (links.next_rank, links.prev_rank);
+
+    loop {
+        plan.normalize(&mut send, |s| s.send_seg);
+        plan.normalize(&mut recv, |s| s.recv_seg);
+        let send_done = header_sent == HEADER_BYTES && send.step == steps.len();
+        let recv_done = header_recv == HEADER_BYTES && recv.step == steps.len();
+        if send_done && recv_done {
+            return Ok(());
+        }
+        let mut progressed = false;
+        let mut send_blocked_on_socket = false;
+
+        // Sending: the header, then every chunk whose input has arrived.
+        while !send_done {
+            let (io, n) = if header_sent < HEADER_BYTES {
+                let r = attempt(
+                    || links.next.write(&out_header[header_sent..]),
+                    next_rank,
+                    during,
+                )?;
+                header_sent += r.1;
+                r
+            } else {
+                plan.normalize(&mut send, |s| s.send_seg);
+                if send.step == steps.len() {
+                    break;
+                }
+                let ready = send.step == 0
+                    || recv.step > send.step - 1
+                    || (recv.step == send.step - 1 && recv.chunk > send.chunk);
+                if !ready {
+                    break;
+                }
+                let range = plan.range(steps[send.step].send_seg, send.chunk);
+                let full = range.len() * std::mem::size_of::<T>();
+                let bytes = &as_bytes(&buf[range])[send.offset..];
+                let r = attempt(|| links.next.write(bytes), next_rank, during)?;
+                send.offset += r.1;
+                if send.offset == full {
+                    send.chunk += 1;
+                    send.offset = 0;
+                }
+                r
+            };
+            match io {
+                Io::Moved => progressed |= n > 0,
+                Io::Blocked => {
+                    send_blocked_on_socket = true;
+                    break;
+                }
+            }
+        }
+
+        // Receiving: the header, then chunks in order.
+        loop {
+            let io = if header_recv < HEADER_BYTES {
+                let (io, n) = attempt(
+                    || links.prev.read(&mut in_header[header_recv..]),
+                    prev_rank,
+                    during,
+                )?;
+                header_recv += n;
+                if header_recv == HEADER_BYTES {
+                    header.check(&in_header, prev_rank, true)?;
+                }
+                io
+            } else {
+                plan.normalize(&mut recv, |s| s.recv_seg);
+                if recv.step == steps.len() {
+                    break;
+                }
+                let step = steps[recv.step];
+                let range = plan.range(step.recv_seg, recv.chunk);
+                let len = range.len();
+                let full = len * std::mem::size_of::<T>();
+                let target = if step.reduce {
+                    &mut as_bytes_mut(&mut scratch[..len])[recv.offset..]
+                } else {
+                    &mut as_bytes_mut(&mut buf[range.clone()])[recv.offset..]
+                };
+                let (io, n) = attempt(|| links.prev.read(target), prev_rank, during)?;
+                recv.offset += n;
+                if recv.offset == full {
+                    if step.reduce {
+                        T::add_into(&mut buf[range], &scratch[..len]);
+                    }
+                    recv.chunk += 1;
+                    recv.offset = 0;
+                }
+                io
+            };
+            match io {
+                Io::Moved => progressed = true,
+                Io::Blocked => break,
+            }
+        }
+
+        if progressed {
+            continue;
+        }
+        // Nothing moved: wait for the sockets. While we still owe the successor data, watch its
+        // connection for a close too; once our part is sent, its leaving is no longer our error
+        // (a rank that finished first may already be tearing its group down).
+        plan.normalize(&mut send, |s| s.send_seg);
+        let owe_successor = header_sent < HEADER_BYTES || send.step < steps.len();
+        let mut out_events = libc::POLLIN;
+        if send_blocked_on_socket {
+            out_events |= libc::POLLOUT;
+        }
+        let mut fds = [
+            link::pollfd(&links.prev, libc::POLLIN),
+            link::pollfd(&links.next, out_events),
+        ];
+        let watched = if owe_successor { 2 } else { 1 };
+        let ready = link::poll(&mut fds[..watched], timeout)
+            .map_err(|e| link::io_error(e, prev_rank, during))?;
+        if ready == 0 {
+            return Err(CollectiveError::Timeout { timeout, during });
+        }
+        if owe_successor && fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            check_successor(&mut links.next, next_rank, during)?;
+        }
+    }
+}
+
+/// The successor never writes to us: readable means closed (or a protocol violation).
+fn check_successor(next: &mut TcpStream, rank: usize, during: &'static str) -> Result<()> {
+    let mut byte = [0u8; 1];
+    match next.read(&mut byte) {
+        Ok(0) => Err(CollectiveError::PeerLost { rank, during }),
+        Ok(_) => Err(CollectiveError::Protocol {
+            rank,
+            detail: "unexpected data from successor".into(),
+        }),
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(link::io_error(e, rank, during)),
+    }
+}
+
+/// Segment boundaries: `world` near-equal parts of `n` elements (`bounds[j] = n * j / world`).
+pub fn segment_bounds(n: usize, world: usize) -> Vec<usize> {
+    (0..=world)
+        .map(|j| ((n as u128 * j as u128) / world as u128) as usize)
+        .collect()
+}
+
+/// Reduce-scatter then all-gather, for `rank` of `world` (`2 (world - 1)` steps). Segment `j`
+/// is summed along the ring starting at rank `j`:
+/// `((x_j + x_{j+1}) + x_{j+2}) + … + x_{j-1}` (ranks mod `world`), ending at rank `j - 1`,
+/// which then hands the finished segment on unchanged. See [`crate::reference::ring_sum`].
+pub fn all_reduce_steps(rank: usize, world: usize) -> Vec<Step> {
+    let m = |x: isize| x.rem_euclid(world as isize) as usize;
+    let r = rank as isize;
+    let mut steps = Vec::with_capacity(2 * (world - 1));
+    for s in 0..world as isize - 1 {
+        steps.push(Step {
+            send_seg: m(r - s),
+            recv_seg: m(r - s - 1),
+            reduce: true,
+        });
+    }
+    for t in 0..world as isize - 1 {
+        steps.push(Step {
+            send_seg: m(r + 1 - t),
+            recv_seg: m(r - t),
+            reduce: false,
+        });
+    }
+    steps
+}
+
+/// All-gather of one block per rank (`world - 1` copy steps).
+pub fn all_gather_steps(rank: usize, world: usize) -> Vec<Step> {
+    let m = |x: isize| x.rem_euclid(world as isize) as usize;
+    let r = rank as isize;
+    (0..world as isize - 1)
+        .map(|t| Step {
+            send_seg: m(r - t),
+            recv_seg: m(r - t - 1),
+            reduce: false,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_chain_and_bounds_cover() {
+        for world in 2..6 {
+            for rank in 0..world {
+                let s = all_reduce_steps(rank, world);
+                assert!(s.windows(2).all(|w| w[1].send_seg == w[0].recv_seg));
+                // All-gather starts with the segment this rank finished reducing.
+                assert_eq!(s[world - 1].send_seg, (rank + 1) % world);
+                let g = all_gather_steps(rank, world);
+                assert_eq!(g[0].send_seg, rank);
+            }
+        }
+        assert_eq!(segment_bounds(10, 3), vec![0, 3, 6, 10]);
+        assert_eq!(segment_bounds(1, 4), vec![0, 0, 0, 0, 1]);
+    }
+}
