@@ -3,7 +3,7 @@
 //! SIGSTOP). Not used in production.
 //!
 //! ```text
-//! args:    [--secret S] [--timeout-ms N]
+//! args:    [--secret S] [--timeout-ms N] [--connect-timeout-ms N]
 //! out:     PORT <port>                       (listening on 127.0.0.1)
 //! in:      GROUP <rank> <world> <a:p,b:q,…>  -> READY | ERR <kind> <ms> <message>
 //! in:      ALLREDUCE <f32|bf16> <len> <sum|avg> <seed>
@@ -89,6 +89,9 @@ fn main() -> anyhow::Result<()> {
         match args[i].as_str() {
             "--secret" => secret = value.as_bytes().to_vec(),
             "--timeout-ms" => options.timeout = Duration::from_millis(value.parse()?),
+            "--connect-timeout-ms" => {
+                options.connect_timeout = Duration::from_millis(value.parse()?)
+            }
             other => bail!("unknown flag {other}"),
         }
         i += 2;
