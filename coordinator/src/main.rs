@@ -17,6 +17,9 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "PROTODINO_LISTEN", default_value = "0.0.0.0:50051")]
     listen: String,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(long, env = "PROTODINO_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: String,
     /// The embedded job store.
     #[arg(
         long,
@@ -72,9 +75,13 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let metrics = tokio::net::TcpListener::bind(&args.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_listen))?;
     println!(
-        "protodino-coordinator listening on {}",
-        listener.local_addr()?
+        "protodino-coordinator listening on {} metrics {}",
+        listener.local_addr()?,
+        metrics.local_addr()?
     );
     std::io::stdout().flush()?;
     let cfg = ServerConfig {
@@ -83,7 +90,7 @@ async fn main() -> Result<()> {
         job_token,
         max_workers: args.max_workers,
     };
-    serve(cfg, listener, shutdown_signal()).await
+    serve(cfg, listener, metrics, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

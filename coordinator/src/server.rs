@@ -20,13 +20,20 @@ pub struct ServerConfig {
     pub max_workers: i32,
 }
 
-/// Serve until `shutdown` resolves.
+/// Serve gRPC on `listener` and `/metrics` on `metrics_listener` until `shutdown` resolves.
 pub async fn serve(
     cfg: ServerConfig,
     listener: TcpListener,
+    metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&cfg.store_path)?);
+    let metrics = crate::metrics::router(store.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, metrics).await {
+            tracing::error!("metrics endpoint stopped: {e}");
+        }
+    });
     let jobs = Jobs::new(store, cfg.configs_dir, cfg.max_workers);
     let auth = BearerAuth::new(&cfg.job_token);
     let job_service = JobServiceServer::with_interceptor(jobs, move |req| auth.check(req));

@@ -19,13 +19,21 @@ const TOKEN: &str = "test-job-token";
 struct Coordinator {
     child: Child,
     addr: String,
+    metrics_addr: String,
 }
 
 impl Coordinator {
     fn start(store: &Path) -> Self {
         let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
         let mut child = Command::new(env!("CARGO_BIN_EXE_protodino-coordinator"))
-            .args(["--listen", "127.0.0.1:0", "--max-workers", "8"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--max-workers",
+                "8",
+            ])
             .arg("--store")
             .arg(store)
             .arg("--configs-dir")
@@ -39,12 +47,19 @@ impl Coordinator {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+        // "protodino-coordinator listening on ADDR metrics ADDR"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words.len(), 6, "unexpected first line {line:?}");
+        let (addr, metrics_addr) = (words[3].to_string(), words[5].to_string());
         assert!(
             addr.starts_with("127.0.0.1:"),
             "unexpected first line {line:?}"
         );
-        Coordinator { child, addr }
+        Coordinator {
+            child,
+            addr,
+            metrics_addr,
+        }
     }
 
     async fn channel(&self) -> Channel {
@@ -318,4 +333,45 @@ async fn a_killed_coordinator_loses_no_job() {
         .unwrap()
         .into_inner();
     assert_eq!(job.state, JobState::Queued as i32);
+}
+
+/// `/metrics` speaks OpenMetrics with the `protodino_` prefix and counts jobs by state.
+#[tokio::test]
+async fn metrics_count_jobs_by_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(&dir.path().join("s.redb"));
+    let mut jobs = c.client().await;
+    jobs.submit_job(SubmitJobRequest {
+        spec: Some(demo_spec()),
+    })
+    .await
+    .unwrap();
+    let body = http_get(&c.metrics_addr, "/metrics").await;
+    assert!(
+        body.contains("protodino_jobs{state=\"queued\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("protodino_jobs{state=\"running\"} 0"),
+        "{body}"
+    );
+    assert!(body.contains("protodino_build_info{version="), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+}
+
+/// A minimal HTTP/1.1 GET over a real socket (no client library needed for one request).
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
