@@ -83,12 +83,14 @@ fn rgb2hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let rc = (maxc - r) as f32 / cr;
     let gc = (maxc - g) as f32 / cr;
     let bc = (maxc - b) as f32 / cr;
+    // `2.0 + rc - bc` is evaluated in double in C (2.0 is a double literal), then stored in a
+    // float.
     let h: f32 = if r == maxc {
         bc - gc
     } else if g == maxc {
-        2.0 + rc - bc
+        (2.0 + rc as f64 - bc as f64) as f32
     } else {
-        4.0 + gc - rc
+        (4.0 + gc as f64 - rc as f64) as f32
     };
     let h = ((h as f64 / 6.0 + 1.0) % 1.0) as f32; // stored in a C float
     let uh = ((h as f64 * 255.0) as i32).clamp(0, 255) as u8;

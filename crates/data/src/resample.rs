@@ -3,8 +3,9 @@
 //! torchvision's `resized_crop` on a PIL image crops (integer box) and then calls Pillow's
 //! resampler, which is separable and antialiased: for a down-scale factor `s > 1` the cubic
 //! kernel (a = −0.5, support 2) is stretched to support `2s`. Pillow computes double-precision
-//! weights, normalises them per output pixel, converts them to 22-bit fixed point, runs the
-//! horizontal pass first into an 8-bit intermediate image, then the vertical pass. We do
+//! weights, normalises them per output pixel, converts them to 22-bit fixed point, runs one
+//! pass into an 8-bit intermediate image, then the other (which pass goes first depends on
+//! the Pillow version: see [`vertical_first`]). We do
 //! exactly that, except that the "crop" is only an offset into the source (no copy), the
 //! intermediate holds only the rows the vertical pass reads, and an output sub-window can be
 //! requested (the evaluation transform's centre crop of the resized image: every output pixel's
@@ -115,55 +116,133 @@ impl Resampler {
         debug_assert_eq!(dst.len(), 3 * out_box.w * out_box.h);
         self.horiz.compute(src_box.w, out_w, out_box.x, out_box.w);
         self.vert.compute(src_box.h, out_h, out_box.y, out_box.h);
-        // Source rows the vertical pass reads (relative to the box).
-        let (first, _) = self.vert.bounds[0];
-        let last = self
-            .vert
-            .bounds
-            .iter()
-            .map(|&(s, n)| s + n)
-            .max()
-            .unwrap_or(first);
+        if vertical_first(src_box.w, src_box.h, out_w, out_h) {
+            self.vertical_then_horizontal(src, src_width, src_box, out_box, dst);
+        } else {
+            self.horizontal_then_vertical(src, src_width, src_box, out_box, dst);
+        }
+    }
+
+    /// Pillow < 13 order (and Pillow 13's default): rows first into an 8-bit intermediate
+    /// holding only the source rows the vertical pass reads.
+    fn horizontal_then_vertical(
+        &mut self,
+        src: &[u8],
+        src_width: usize,
+        src_box: Rect,
+        out_box: Rect,
+        dst: &mut [u8],
+    ) {
+        let first = self.vert.bounds[0].0;
+        let last = span_end(&self.vert.bounds, first);
         let rows = last - first;
         let row_len = 3 * out_box.w;
         self.tmp.resize(rows * row_len, 0);
         let stride = 3 * src_width;
-        let hk = self.horiz.ksize;
         for r in 0..rows {
             let y = src_box.y + first + r;
             let row = &src[y * stride + 3 * src_box.x..y * stride + 3 * (src_box.x + src_box.w)];
             let out = &mut self.tmp[r * row_len..(r + 1) * row_len];
-            for (xx, &(xmin, taps)) in self.horiz.bounds.iter().enumerate() {
-                let k = &self.horiz.kk[xx * hk..xx * hk + taps];
-                let px = &row[3 * xmin..3 * (xmin + taps)];
-                let half = 1i32 << (PRECISION_BITS - 1);
-                let (mut s0, mut s1, mut s2) = (half, half, half);
-                for (p, &w) in px.chunks_exact(3).zip(k) {
-                    s0 += p[0] as i32 * w;
-                    s1 += p[1] as i32 * w;
-                    s2 += p[2] as i32 * w;
-                }
-                out[3 * xx] = clip8(s0);
-                out[3 * xx + 1] = clip8(s1);
-                out[3 * xx + 2] = clip8(s2);
+            horizontal_row(&self.horiz, row, 0, out);
+        }
+        vertical_pass(&self.vert, &self.tmp, row_len, first, row_len, &mut self.acc, dst);
+    }
+
+    /// Pillow 13 order when the height shrinks much more than the width: columns first into
+    /// an intermediate of `out_h` rows holding only the source columns the horizontal pass
+    /// reads.
+    fn vertical_then_horizontal(
+        &mut self,
+        src: &[u8],
+        src_width: usize,
+        src_box: Rect,
+        out_box: Rect,
+        dst: &mut [u8],
+    ) {
+        let first = self.horiz.bounds[0].0;
+        let last = span_end(&self.horiz.bounds, first);
+        let cols = last - first;
+        let tmp_row = 3 * cols;
+        self.tmp.resize(out_box.h * tmp_row, 0);
+        let stride = 3 * src_width;
+        // Offset of the first needed column of box row 0 in `src`.
+        let base = 3 * (src_box.y * src_width + src_box.x + first);
+        vertical_pass(
+            &self.vert,
+            &src[base..],
+            stride,
+            0,
+            tmp_row,
+            &mut self.acc,
+            &mut self.tmp,
+        );
+        let row_len = 3 * out_box.w;
+        for (r, out) in dst.chunks_exact_mut(row_len).enumerate() {
+            let row = &self.tmp[r * tmp_row..(r + 1) * tmp_row];
+            horizontal_row(&self.horiz, row, first, out);
+        }
+    }
+}
+
+/// Pillow 13 (python-pillow PR 9549) runs the vertical pass first iff the height shrinks and
+/// by more than twice as many pixels as the width: `in_h > out_h && in_h − out_h >
+/// 2 (in_w − out_w)`. Determined against Pillow 13.0.0 on 379 random sizes (all bit-exact) and
+/// the equality boundary (horizontal first). Pillow < 13 always goes horizontal first; the
+/// two orders differ by at most one level on some pixels.
+pub fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    in_h > out_h && (in_h - out_h) as i64 > 2 * (in_w as i64 - out_w as i64)
+}
+
+fn span_end(bounds: &[(usize, usize)], first: usize) -> usize {
+    bounds.iter().map(|&(s, n)| s + n).max().unwrap_or(first)
+}
+
+/// One output row of the horizontal pass; `row` starts at source column `col0`.
+#[inline]
+fn horizontal_row(c: &Coeffs, row: &[u8], col0: usize, out: &mut [u8]) {
+    let half = 1i32 << (PRECISION_BITS - 1);
+    for (xx, &(xmin, taps)) in c.bounds.iter().enumerate() {
+        let k = &c.kk[xx * c.ksize..xx * c.ksize + taps];
+        let px = &row[3 * (xmin - col0)..3 * (xmin - col0 + taps)];
+        let (mut s0, mut s1, mut s2) = (half, half, half);
+        for (p, &w) in px.chunks_exact(3).zip(k) {
+            s0 += p[0] as i32 * w;
+            s1 += p[1] as i32 * w;
+            s2 += p[2] as i32 * w;
+        }
+        out[3 * xx] = clip8(s0);
+        out[3 * xx + 1] = clip8(s1);
+        out[3 * xx + 2] = clip8(s2);
+    }
+}
+
+/// The vertical pass: output row `yy` = Σ_t k[t] · input row `(ymin − row0 + t)`, where input
+/// rows are `stride` bytes apart in `input` and each output row has `out_row` bytes
+/// (the first `out_row` bytes of every input row are read).
+fn vertical_pass(
+    c: &Coeffs,
+    input: &[u8],
+    stride: usize,
+    row0: usize,
+    out_row: usize,
+    acc: &mut Vec<i32>,
+    dst: &mut [u8],
+) {
+    let row_len = out_row;
+    acc.resize(row_len, 0);
+    for (yy, &(ymin, taps)) in c.bounds.iter().enumerate() {
+        acc.fill(1i32 << (PRECISION_BITS - 1));
+        let k = &c.kk[yy * c.ksize..yy * c.ksize + taps];
+        for (t, &w) in k.iter().enumerate() {
+            let r = ymin - row0 + t;
+            let row = &input[r * stride..r * stride + row_len];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += p as i32 * w;
             }
         }
-        let vk = self.vert.ksize;
-        self.acc.resize(row_len, 0);
-        for (yy, &(ymin, taps)) in self.vert.bounds.iter().enumerate() {
-            self.acc.fill(1i32 << (PRECISION_BITS - 1));
-            let k = &self.vert.kk[yy * vk..yy * vk + taps];
-            for (t, &w) in k.iter().enumerate() {
-                let r = ymin - first + t;
-                let row = &self.tmp[r * row_len..(r + 1) * row_len];
-                for (a, &p) in self.acc.iter_mut().zip(row) {
-                    *a += p as i32 * w;
-                }
-            }
-            let out = &mut dst[yy * row_len..(yy + 1) * row_len];
-            for (o, &a) in out.iter_mut().zip(&self.acc) {
-                *o = clip8(a);
-            }
+        let out = &mut dst[yy * row_len..(yy + 1) * row_len];
+        for (o, &a) in out.iter_mut().zip(acc.iter()) {
+            *o = clip8(a);
         }
     }
 }
