@@ -12,7 +12,6 @@ use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use protodino_proto::v1::JobState;
 
@@ -21,6 +20,11 @@ use crate::store::Store;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: String,
 }
 
 /// Lower-case state name without the enum prefix (`JOB_STATE_QUEUED` → `queued`).
@@ -32,12 +36,16 @@ fn state_name(s: JobState) -> String {
 
 async fn scrape(State(store): State<Arc<Store>>) -> impl IntoResponse {
     let mut registry = Registry::default();
-    let build = Info::new(vec![(
-        "version".to_string(),
-        env!("CARGO_PKG_VERSION").to_string(),
-    )]);
+    // A gauge fixed at 1 rather than an OpenMetrics `info` type, so that classic text-format
+    // parsers (promtool) accept the scrape too.
+    let build = Family::<BuildLabel, Gauge>::default();
+    build
+        .get_or_create(&BuildLabel {
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .set(1);
     registry.register(
-        "protodino_build",
+        "protodino_build_info",
         "Build information of the coordinator",
         build,
     );
