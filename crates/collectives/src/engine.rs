@@ -40,40 +40,35 @@ pub struct Links {
     pub prev_rank: usize,
 }
 
-/// Position in the (step, chunk) stream of one direction.
+/// Position in the step stream of one direction.
 #[derive(Debug, Clone, Copy, Default)]
 struct Cursor {
     step: usize,
-    chunk: usize,
-    /// Bytes of the current chunk already moved.
-    offset: usize,
+    /// Bytes of the current step's segment that are finished: sent (send side), or received and,
+    /// for a reduce step, added in (receive side).
+    done: usize,
+    /// Receive side of a reduce step: bytes of the next chunk waiting in the scratch buffer.
+    pending: usize,
 }
 
+/// Byte ranges of the segments.
 struct Plan<'a> {
     bounds: &'a [usize],
     steps: &'a [Step],
-    chunk_elems: usize,
+    elem: usize,
 }
 
 impl Plan<'_> {
-    fn chunks(&self, seg: usize) -> usize {
-        (self.bounds[seg + 1] - self.bounds[seg]).div_ceil(self.chunk_elems)
+    fn seg_bytes(&self, seg: usize) -> std::ops::Range<usize> {
+        self.bounds[seg] * self.elem..self.bounds[seg + 1] * self.elem
     }
 
-    /// Element range of chunk `c` of segment `seg`.
-    fn range(&self, seg: usize, c: usize) -> std::ops::Range<usize> {
-        let start = self.bounds[seg] + c * self.chunk_elems;
-        start..(start + self.chunk_elems).min(self.bounds[seg + 1])
+    fn send_len(&self, step: usize) -> usize {
+        self.seg_bytes(self.steps[step].send_seg).len()
     }
 
-    /// Moves a cursor past finished chunks and empty steps.
-    fn normalize(&self, cur: &mut Cursor, seg_of: impl Fn(&Step) -> usize) {
-        while cur.step < self.steps.len() && cur.chunk >= self.chunks(seg_of(&self.steps[cur.step]))
-        {
-            cur.step += 1;
-            cur.chunk = 0;
-            cur.offset = 0;
-        }
+    fn recv_len(&self, step: usize) -> usize {
+        self.seg_bytes(self.steps[step].recv_seg).len()
     }
 }
 
@@ -102,6 +97,12 @@ fn attempt<F: FnOnce() -> io::Result<usize>>(
 
 /// Runs `steps` over `buf` split at `bounds` (segment `j` is `bounds[j]..bounds[j + 1]`),
 /// preceded by the header exchange. On error the buffer holds a partial result.
+///
+/// Reduce steps are processed in chunks of `chunk_bytes` (received into a scratch buffer, then
+/// added); everything else moves in as few system calls as the socket buffers allow: a write sends
+/// every byte that is ready, a copy step reads straight into its final place and its bytes are
+/// forwarded at once.
+#[allow(clippy::too_many_arguments)]
 pub fn run<T: Element>(
     links: &mut Links,
     header: &Header,
@@ -112,11 +113,13 @@ pub fn run<T: Element>(
     timeout: Duration,
     during: &'static str,
 ) -> Result<()> {
-    let chunk_elems = (chunk_bytes / std::mem::size_of::<T>()).max(1);
+    let elem = std::mem::size_of::<T>();
+    let chunk_elems = (chunk_bytes / elem).max(1);
+    let chunk = chunk_elems * elem;
     let plan = Plan {
         bounds,
         steps,
-        chunk_elems,
+        elem,
     };
     debug_assert!(steps.windows(2).all(|w| w[1].send_seg == w[0].recv_seg));
     let any_reduce = steps.iter().any(|s| s.reduce);
@@ -134,98 +137,94 @@ pub fn run<T: Element>(
     let (next_rank, prev_rank) = (links.next_rank, links.prev_rank);
 
     loop {
-        plan.normalize(&mut send, |s| s.send_seg);
-        plan.normalize(&mut recv, |s| s.recv_seg);
-        let send_done = header_sent == HEADER_BYTES && send.step == steps.len();
-        let recv_done = header_recv == HEADER_BYTES && recv.step == steps.len();
-        if send_done && recv_done {
+        while send.step < steps.len() && send.done == plan.send_len(send.step) {
+            send = Cursor {
+                step: send.step + 1,
+                ..Cursor::default()
+            };
+        }
+        while recv.step < steps.len() && recv.done == plan.recv_len(recv.step) {
+            recv = Cursor {
+                step: recv.step + 1,
+                ..Cursor::default()
+            };
+        }
+        let owe_successor = header_sent < HEADER_BYTES || send.step < steps.len();
+        if !owe_successor && header_recv == HEADER_BYTES && recv.step == steps.len() {
             return Ok(());
         }
         let mut progressed = false;
         let mut send_blocked_on_socket = false;
 
-        // Sending: the header, then every chunk whose input has arrived.
-        while !send_done {
-            let (io, n) = if header_sent < HEADER_BYTES {
-                let r = attempt(
-                    || links.next.write(&out_header[header_sent..]),
-                    next_rank,
-                    during,
-                )?;
-                header_sent += r.1;
-                r
+        // Send: the header, then every byte whose input is final.
+        if header_sent < HEADER_BYTES {
+            match attempt(
+                || links.next.write(&out_header[header_sent..]),
+                next_rank,
+                during,
+            )? {
+                (Io::Moved, n) => {
+                    header_sent += n;
+                    progressed = true;
+                }
+                (Io::Blocked, _) => send_blocked_on_socket = true,
+            }
+        } else if send.step < steps.len() {
+            let len = plan.send_len(send.step);
+            let ready = if send.step == 0 || recv.step > send.step - 1 {
+                len
             } else {
-                plan.normalize(&mut send, |s| s.send_seg);
-                if send.step == steps.len() {
-                    break;
-                }
-                let ready = send.step == 0
-                    || recv.step > send.step - 1
-                    || (recv.step == send.step - 1 && recv.chunk > send.chunk);
-                if !ready {
-                    break;
-                }
-                let range = plan.range(steps[send.step].send_seg, send.chunk);
-                let full = range.len() * std::mem::size_of::<T>();
-                let bytes = &as_bytes(&buf[range])[send.offset..];
-                let r = attempt(|| links.next.write(bytes), next_rank, during)?;
-                send.offset += r.1;
-                if send.offset == full {
-                    send.chunk += 1;
-                    send.offset = 0;
-                }
-                r
+                recv.done
             };
-            match io {
-                Io::Moved => progressed |= n > 0,
-                Io::Blocked => {
-                    send_blocked_on_socket = true;
-                    break;
+            if ready > send.done {
+                let seg = plan.seg_bytes(steps[send.step].send_seg);
+                let bytes = &as_bytes(buf)[seg.start + send.done..seg.start + ready];
+                match attempt(|| links.next.write(bytes), next_rank, during)? {
+                    (Io::Moved, n) => {
+                        send.done += n;
+                        progressed = true;
+                    }
+                    (Io::Blocked, _) => send_blocked_on_socket = true,
                 }
             }
         }
 
-        // Receiving: the header, then chunks in order.
-        loop {
-            let io = if header_recv < HEADER_BYTES {
-                let (io, n) = attempt(
-                    || links.prev.read(&mut in_header[header_recv..]),
-                    prev_rank,
-                    during,
-                )?;
+        // Receive: the header, then the current step's segment.
+        if header_recv < HEADER_BYTES {
+            if let (Io::Moved, n) = attempt(
+                || links.prev.read(&mut in_header[header_recv..]),
+                prev_rank,
+                during,
+            )? {
                 header_recv += n;
+                progressed = true;
                 if header_recv == HEADER_BYTES {
                     header.check(&in_header, prev_rank, true)?;
                 }
-                io
-            } else {
-                plan.normalize(&mut recv, |s| s.recv_seg);
-                if recv.step == steps.len() {
-                    break;
-                }
-                let step = steps[recv.step];
-                let range = plan.range(step.recv_seg, recv.chunk);
-                let len = range.len();
-                let full = len * std::mem::size_of::<T>();
-                let target = if step.reduce {
-                    &mut as_bytes_mut(&mut scratch[..len])[recv.offset..]
-                } else {
-                    &mut as_bytes_mut(&mut buf[range.clone()])[recv.offset..]
-                };
-                let (io, n) = attempt(|| links.prev.read(target), prev_rank, during)?;
-                recv.offset += n;
-                if recv.offset == full {
-                    if step.reduce {
-                        T::add_into(&mut buf[range], &scratch[..len]);
+            }
+        } else if recv.step < steps.len() {
+            let step = steps[recv.step];
+            let seg = plan.seg_bytes(step.recv_seg);
+            if step.reduce {
+                let want = chunk.min(seg.len() - recv.done);
+                let target = &mut as_bytes_mut(&mut scratch)[recv.pending..want];
+                if let (Io::Moved, n) = attempt(|| links.prev.read(target), prev_rank, during)? {
+                    recv.pending += n;
+                    progressed = true;
+                    if recv.pending == want {
+                        let first = (seg.start + recv.done) / elem;
+                        let count = want / elem;
+                        T::add_into(&mut buf[first..first + count], &scratch[..count]);
+                        recv.done += want;
+                        recv.pending = 0;
                     }
-                    recv.chunk += 1;
-                    recv.offset = 0;
                 }
-                io
-            };
-            match io {
-                Io::Moved => progressed = true,
-                Io::Blocked => break,
+            } else {
+                let target = &mut as_bytes_mut(buf)[seg.start + recv.done..seg.end];
+                if let (Io::Moved, n) = attempt(|| links.prev.read(target), prev_rank, during)? {
+                    recv.done += n;
+                    progressed = true;
+                }
             }
         }
 
@@ -235,8 +234,6 @@ pub fn run<T: Element>(
         // Nothing moved: wait for the sockets. While we still owe the successor data, watch its
         // connection for a close too; once our part is sent, its leaving is no longer our error
         // (a rank that finished first may already be tearing its group down).
-        plan.normalize(&mut send, |s| s.send_seg);
-        let owe_successor = header_sent < HEADER_BYTES || send.step < steps.len();
         let mut out_events = libc::POLLIN;
         if send_blocked_on_socket {
             out_events |= libc::POLLOUT;

@@ -1,1 +1,292 @@
-fn main() {}
+//! All-reduce bus bandwidth of the TCP ring against `torch.distributed` (gloo) on the same
+//! machine, in the same run, printed as one table per world size.
+//!
+//! ```text
+//! protodino-collectives-bench [--worlds 2,4] [--min-bytes 1024] [--max-bytes 268435456]
+//!                             [--python PY --gloo-script crates/collectives/reference/bench_gloo.py]
+//! ```
+//! Without `--python` only the ring is measured. Bus bandwidth follows nccl-tests:
+//! `busbw = bytes / time × 2 (W − 1) / W`, time being the slowest rank's mean per call, f32 sums,
+//! sizes doubling from `--min-bytes` to `--max-bytes`: 2 warm-up calls, then `--trials` (3) timed
+//! runs of `clamp(256 MiB / bytes, 3, 200)` calls each, the fastest run counting (the gloo script
+//! uses the same schedule). Each rank is its own process on loopback, like torchrun would start them.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use protodino_collectives::{GroupOptions, GroupSpec, ReduceOp, RingGroup, bind_listener};
+
+const SECRET: &[u8] = b"bench-secret";
+
+struct Args {
+    worlds: Vec<usize>,
+    min_bytes: usize,
+    max_bytes: usize,
+    python: Option<String>,
+    gloo_script: String,
+    worker: bool,
+    /// Ring tuning (defaults: [`GroupOptions::default`]).
+    chunk_bytes: usize,
+    socket_buffer_bytes: usize,
+    /// Timed trials per size; the fastest counts (the machine is shared, so slower trials
+    /// measure the neighbours). Same rule in the gloo script.
+    trials: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        worlds: vec![2, 4],
+        min_bytes: 1 << 10,
+        max_bytes: 256 << 20,
+        python: None,
+        gloo_script: "crates/collectives/reference/bench_gloo.py".into(),
+        worker: false,
+        chunk_bytes: GroupOptions::default().chunk_bytes,
+        socket_buffer_bytes: GroupOptions::default().socket_buffer_bytes,
+        trials: 3,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let flag = argv[i].as_str();
+        if flag == "--worker" {
+            a.worker = true;
+            i += 1;
+            continue;
+        }
+        let v = argv
+            .get(i + 1)
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag {
+            "--worlds" => a.worlds = v.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--min-bytes" => a.min_bytes = v.parse()?,
+            "--max-bytes" => a.max_bytes = v.parse()?,
+            "--python" => a.python = Some(v.clone()),
+            "--gloo-script" => a.gloo_script = v.clone(),
+            "--trials" => a.trials = v.parse::<usize>()?.max(1),
+            "--chunk-bytes" => a.chunk_bytes = v.parse()?,
+            "--socket-buffer-bytes" => a.socket_buffer_bytes = v.parse()?,
+            _ => bail!("unknown flag {flag}"),
+        }
+        i += 2;
+    }
+    if a.min_bytes < 4 || a.max_bytes < a.min_bytes {
+        bail!("need 4 <= --min-bytes <= --max-bytes");
+    }
+    Ok(a)
+}
+
+fn sizes(min: usize, max: usize) -> Vec<usize> {
+    let mut v = Vec::new();
+    let mut b = min;
+    while b <= max {
+        v.push(b);
+        b *= 2;
+    }
+    v
+}
+
+fn iterations(bytes: usize) -> usize {
+    ((256usize << 20) / bytes).clamp(3, 200)
+}
+
+/// One rank: rendezvous over stdin/stdout, then time every size; rank 0 prints `RESULT`.
+fn worker(args: &Args) -> anyhow::Result<()> {
+    let options = GroupOptions {
+        chunk_bytes: args.chunk_bytes,
+        socket_buffer_bytes: args.socket_buffer_bytes,
+        ..GroupOptions::default()
+    };
+    let listener = bind_listener("127.0.0.1:0", &options)?;
+    println!("PORT {}", listener.local_addr()?.port());
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let [_, rank, world, peers] = w.as_slice() else {
+        bail!("bad rendezvous line {line:?}")
+    };
+    let spec = GroupSpec {
+        rank: rank.parse()?,
+        world: world.parse()?,
+        peers: peers.split(',').map(str::to_string).collect(),
+        secret: SECRET.to_vec(),
+    };
+    let mut group = RingGroup::connect(&spec, listener, options)?;
+    let mut buf = vec![0.0f32; args.max_bytes / 4];
+    for bytes in sizes(args.min_bytes, args.max_bytes) {
+        let slice = &mut buf[..bytes / 4];
+        for _ in 0..2 {
+            group.all_reduce(slice, ReduceOp::Sum)?;
+        }
+        let iters = iterations(bytes);
+        let mut best = f32::INFINITY;
+        for _ in 0..args.trials {
+            group.barrier()?;
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                group.all_reduce(slice, ReduceOp::Sum)?;
+            }
+            let mine = [t0.elapsed().as_secs_f32() / iters as f32];
+            let mut all = vec![0.0f32; spec.world];
+            group.all_gather(&mine, &mut all)?;
+            best = best.min(all.iter().cloned().fold(0.0f32, f32::max));
+        }
+        if spec.rank == 0 {
+            println!("RESULT {bytes} {best:e}");
+            std::io::stdout().flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the ring at `world` and returns seconds per call by size.
+fn run_ring(args: &Args, world: usize) -> anyhow::Result<BTreeMap<usize, f64>> {
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..world {
+        let mut child = Command::new(&exe)
+            .args([
+                "--worker",
+                "--min-bytes",
+                &args.min_bytes.to_string(),
+                "--max-bytes",
+                &args.max_bytes.to_string(),
+            ])
+            .args(["--chunk-bytes", &args.chunk_bytes.to_string()])
+            .args([
+                "--socket-buffer-bytes",
+                &args.socket_buffer_bytes.to_string(),
+            ])
+            .args(["--trials", &args.trials.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .with_context(|| format!("worker said {line:?}"))?
+            .to_string();
+        addrs.push(format!("127.0.0.1:{port}"));
+        children.push((child, out));
+    }
+    let list = addrs.join(",");
+    for (rank, (child, _)) in children.iter_mut().enumerate() {
+        writeln!(
+            child.stdin.as_mut().context("stdin")?,
+            "GROUP {rank} {world} {list}"
+        )?;
+    }
+    let mut results = BTreeMap::new();
+    for line in (&mut children[0].1).lines() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("RESULT ") {
+            let mut it = rest.split_whitespace();
+            let bytes: usize = it.next().context("bytes")?.parse()?;
+            let secs: f64 = it.next().context("secs")?.parse()?;
+            results.insert(bytes, secs);
+        }
+    }
+    for (mut child, _) in children {
+        if !child.wait()?.success() {
+            bail!("a ring worker failed");
+        }
+    }
+    Ok(results)
+}
+
+/// Runs the gloo script at `world`; it prints `RESULT <bytes> <seconds>` lines too.
+fn run_gloo(args: &Args, python: &str, world: usize) -> anyhow::Result<BTreeMap<usize, f64>> {
+    let out = Command::new(python)
+        .args([&args.gloo_script, "--world", &world.to_string()])
+        .args([
+            "--min-bytes",
+            &args.min_bytes.to_string(),
+            "--max-bytes",
+            &args.max_bytes.to_string(),
+        ])
+        .args(["--trials", &args.trials.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {python} {}", args.gloo_script))?;
+    if !out.status.success() {
+        bail!("gloo benchmark failed: {}", out.status);
+    }
+    let mut results = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(rest) = line.strip_prefix("RESULT ") {
+            let mut it = rest.split_whitespace();
+            let bytes: usize = it.next().context("bytes")?.parse()?;
+            let secs: f64 = it.next().context("secs")?.parse()?;
+            results.insert(bytes, secs);
+        }
+    }
+    Ok(results)
+}
+
+fn busbw_gbs(bytes: usize, secs: f64, world: usize) -> f64 {
+    bytes as f64 / secs / 1e9 * 2.0 * (world as f64 - 1.0) / world as f64
+}
+
+fn human(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    if args.worker {
+        return worker(&args);
+    }
+    for &world in &args.worlds {
+        let ring = run_ring(&args, world)?;
+        let gloo = match &args.python {
+            Some(py) => Some(run_gloo(&args, py, world)?),
+            None => None,
+        };
+        println!(
+            "\nall-reduce f32 sum, world {world}, loopback, bus bandwidth GB/s (nccl-tests formula)"
+        );
+        println!(
+            "{:>9} | {:>10} | {:>10} | {:>10} | {:>10} | {:>6}",
+            "size", "ring us", "ring busbw", "gloo us", "gloo busbw", "ratio"
+        );
+        for (&bytes, &secs) in &ring {
+            let ours = busbw_gbs(bytes, secs, world);
+            match gloo.as_ref().and_then(|g| g.get(&bytes)) {
+                Some(&g) => {
+                    let theirs = busbw_gbs(bytes, g, world);
+                    println!(
+                        "{:>9} | {:>10.1} | {:>10.3} | {:>10.1} | {:>10.3} | {:>6.2}",
+                        human(bytes),
+                        secs * 1e6,
+                        ours,
+                        g * 1e6,
+                        theirs,
+                        ours / theirs
+                    );
+                }
+                None => println!(
+                    "{:>9} | {:>10.1} | {:>10.3} | {:>10} | {:>10} | {:>6}",
+                    human(bytes),
+                    secs * 1e6,
+                    ours,
+                    "-",
+                    "-",
+                    "-"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
