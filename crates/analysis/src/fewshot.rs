@@ -26,7 +26,7 @@ use crate::lbfgs::{LbfgsOptions, minimize};
 use crate::linear::accuracy;
 use crate::prototypes::l2_normalize_rows;
 use crate::rng::SplitMix64;
-use crate::stats::MeanStd;
+use crate::stats::{MeanStd, positive};
 
 /// Options of [`fewshot_eval`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,7 +124,7 @@ pub fn fit_logistic(
 ) -> Result<LogisticModel> {
     let n = check_features(features, "train", None)?;
     check_labels(labels, n, "train")?;
-    if n == 0 || num_classes < 1 || !(lambd > 0.0) {
+    if n == 0 || num_classes < 1 || !positive(lambd) {
         return Err(AnalysisError::invalid(
             "fit_logistic",
             "needs samples, ≥ 1 class and lambd > 0",
@@ -183,29 +183,44 @@ impl LogisticModel {
     }
 }
 
-/// Fit on the rows `subset` of the training set and score the test set.
+/// Features `[N, D]` with their labels `[N]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Labelled<'a> {
+    pub features: &'a Tensor,
+    pub labels: &'a Tensor,
+}
+
+/// Fit on the rows `subset` of `train` (e.g. an MSN file list) and score `test`; returns the
+/// model and the test top-1 (percent).
 pub fn fewshot_run(
-    train_features: &Tensor,
-    train_labels: &Tensor,
+    train: Labelled<'_>,
     subset: &[usize],
-    test_features: &Tensor,
-    test_labels: &Tensor,
+    test: Labelled<'_>,
     num_classes: i64,
     lambd: f64,
     solver: &LbfgsOptions,
 ) -> Result<(LogisticModel, f64)> {
+    let n = check_features(train.features, "train", None)?;
+    if let Some(bad) = subset.iter().find(|&&i| i as i64 >= n) {
+        return Err(AnalysisError::invalid(
+            "subset",
+            format!("index {bad} ≥ {n} training samples"),
+        ));
+    }
     let idx = Tensor::from_slice(&subset.iter().map(|&i| i as i64).collect::<Vec<_>>());
     let model = fit_logistic(
-        &train_features.f_index_select(0, &idx)?,
-        &train_labels.f_index_select(0, &idx)?,
+        &train.features.f_index_select(0, &idx)?,
+        &train.labels.f_index_select(0, &idx)?,
         num_classes,
         lambd,
         solver,
     )?;
+    let n_test = check_features(test.features, "test", Some(train.features.size()[1]))?;
+    check_labels(test.labels, n_test, "test")?;
     let _guard = tch::no_grad_guard();
     let (top1, _) = accuracy(
-        &model.logits(test_features)?,
-        &test_labels.f_to_kind(Kind::Int64)?,
+        &model.logits(test.features)?,
+        &test.labels.f_to_kind(Kind::Int64)?,
     )?;
     Ok((model, top1))
 }
@@ -240,11 +255,15 @@ pub fn fewshot_eval(
         for &seed in &opts.seeds {
             let subset = fewshot_subset(&labels, shots, seed);
             let (model, top1) = fewshot_run(
-                train_features,
-                train_labels,
+                Labelled {
+                    features: train_features,
+                    labels: train_labels,
+                },
                 &subset,
-                test_features,
-                test_labels,
+                Labelled {
+                    features: test_features,
+                    labels: test_labels,
+                },
                 num_classes,
                 opts.lambd,
                 &opts.solver,

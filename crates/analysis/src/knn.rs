@@ -17,6 +17,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{AnalysisError, Result};
 use crate::prototypes::l2_normalize_rows;
+use crate::stats::positive;
 
 /// Options of [`knn_classify`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,7 +121,7 @@ pub fn knn_classify(
             format!("each k must be in 1..={n_train}, got {:?}", opts.ks),
         ));
     }
-    if !(opts.temperature > 0.0) || opts.num_chunks < 1 {
+    if !positive(opts.temperature) || opts.num_chunks < 1 {
         return Err(AnalysisError::invalid(
             "temperature/num_chunks",
             "temperature must be > 0 and num_chunks ≥ 1",

@@ -6,7 +6,9 @@
 //! problems (a few thousand samples) in tens to hundreds of iterations, deterministically,
 //! where SGD-type solvers would need a tolerance heuristic. Curvature pairs with
 //! `sᵀy ≤ 1e-12·yᵀy` are skipped so the inverse-Hessian estimate stays positive definite;
-//! a non-descent direction resets the memory to steepest descent.
+//! a non-descent direction resets the memory to steepest descent. The run also ends when a step
+//! has not lowered the objective beyond f64 resolution five times in a row (`converged` then tells whether the
+//! gradient tolerance was met).
 
 use std::collections::VecDeque;
 
@@ -65,6 +67,7 @@ where
     let (mut fx, mut g) = f(&x)?;
     let mut memory: VecDeque<(Tensor, Tensor, f64)> = VecDeque::new();
     let mut iterations = 0;
+    let mut stalled = 0;
     let mut gnorm = inf_norm(&g)?;
     while iterations < opts.max_iter && gnorm > opts.grad_tol {
         // Two-loop recursion: d = −H·g.
@@ -119,10 +122,18 @@ where
                 memory.pop_front();
             }
         }
+        if fx - f_new <= 4.0 * f64::EPSILON * fx.abs() {
+            stalled += 1;
+        } else {
+            stalled = 0;
+        }
         x = x_new;
         fx = f_new;
         g = g_new;
         gnorm = inf_norm(&g)?;
+        if stalled >= 5 {
+            break; // the objective no longer changes at f64 resolution
+        }
     }
     Ok(LbfgsResult {
         x,

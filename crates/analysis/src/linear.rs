@@ -18,6 +18,7 @@ use tch::{Kind, Tensor};
 use crate::error::{AnalysisError, Result};
 use crate::knn::{check_features, check_labels};
 use crate::rng::SplitMix64;
+use crate::stats::positive;
 
 /// Options of [`linear_probe`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,7 +93,7 @@ pub fn linear_probe(
             "train and val must be non-empty",
         ));
     }
-    if opts.epochs < 1 || opts.batch_size < 1 || !(opts.lr > 0.0) {
+    if opts.epochs < 1 || opts.batch_size < 1 || !positive(opts.lr) {
         return Err(AnalysisError::invalid(
             "epochs/batch_size/lr",
             "epochs and batch_size must be ≥ 1, lr > 0",

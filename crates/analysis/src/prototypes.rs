@@ -100,10 +100,10 @@ fn classify(name: &str) -> Option<Owner> {
 /// The requested network's layer wins; if the file has no network-prefixed layer at all but
 /// exactly one bare head, that one is used (and reported as `bare`). Asking for the teacher of a
 /// file that only holds a student (or the reverse) is an error, never a silent substitution.
-pub fn select_prototype_layer<'a>(
-    named: &'a [(String, Tensor)],
+pub fn select_prototype_layer(
+    named: &[(String, Tensor)],
     head: Head,
-) -> Result<(PrototypeSource, &'a Tensor, Option<&'a Tensor>)> {
+) -> Result<(PrototypeSource, &Tensor, Option<&Tensor>)> {
     let mut wanted = Vec::new();
     let mut bare = Vec::new();
     let mut all = Vec::new();

@@ -34,6 +34,11 @@ pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * frac
 }
 
+/// `x > 0` and not NaN (for validating temperatures, rates and penalties).
+pub(crate) fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
 /// Mean and population standard deviation (ddof = 0, numpy's default) of a sample.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MeanStd {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{AnalysisError, Result};
-use crate::stats::entropy;
+use crate::stats::{entropy, positive};
 
 /// How `p(k|x)` is formed from what [`UsageAccumulator::update`] receives.
 #[derive(Debug)]
@@ -151,11 +151,11 @@ impl UsageAccumulator {
                         center.numel()
                     )));
                 }
-                if !(*teacher_temp > 0.0) {
+                if !positive(*teacher_temp) {
                     return Err(AnalysisError::invalid("teacher_temp", "must be > 0"));
                 }
             }
-            Assignment::Softmax { temperature } if !(*temperature > 0.0) => {
+            Assignment::Softmax { temperature } if !positive(*temperature) => {
                 return Err(AnalysisError::invalid("temperature", "must be > 0"));
             }
             _ => {}

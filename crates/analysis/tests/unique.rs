@@ -1,6 +1,9 @@
 //! Unique-prototype counts with planted duplicates at known distances, against a brute-force
 //! implementation, and blockwise == unblocked.
 
+// The brute-force reference spells the definition out with indices on purpose.
+#![allow(clippy::needless_range_loop)]
+
 mod support;
 
 use protodino_analysis::unique::{UniqueOptions, analyze_unique};

@@ -1,0 +1,127 @@
+//! Reading prototype layers from real safetensors files with the naming variants of
+//! ALGORITHM.md §3.3, and the effective-prototype formula.
+
+use protodino_analysis::unique::{UniqueOptions, analyze_unique};
+use protodino_analysis::{AnalysisError, Head, Prototypes};
+use tch::{Kind, Tensor};
+
+fn write(dir: &tempfile::TempDir, name: &str, tensors: &[(&str, &Tensor)]) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    Tensor::write_safetensors(tensors, &path).unwrap();
+    path
+}
+
+fn v_matrix() -> Tensor {
+    Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0, 2.0, 0.0, 1.0, 1.0, 1.0]).reshape([3, 3])
+}
+
+#[test]
+fn full_checkpoint_teacher_by_default_student_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = v_matrix();
+    let g_teacher = Tensor::from_slice(&[2.0f32, -1.0, 0.5]).reshape([3, 1]);
+    let v_student = v.flip([0]);
+    let g_student = Tensor::ones([3, 1], tch::kind::FLOAT_CPU);
+    let center = Tensor::zeros([1, 3], tch::kind::FLOAT_CPU);
+    let path = write(
+        &dir,
+        "ckpt.safetensors",
+        &[
+            ("teacher.head.last_layer.weight_v", &v),
+            ("teacher.head.last_layer.weight_g", &g_teacher),
+            ("student.module.head.last_layer.weight_v", &v_student),
+            ("student.module.head.last_layer.weight_g", &g_student),
+            ("teacher.head.last_layer2.weight_v", &v_student),
+            ("dino_loss.center", &center),
+        ],
+    );
+    let t = Prototypes::load(&path, Head::default()).unwrap();
+    assert_eq!(t.source.head, "teacher");
+    assert_eq!(t.source.weight_v, "teacher.head.last_layer.weight_v");
+    assert_eq!(
+        t.source.weight_g.as_deref(),
+        Some("teacher.head.last_layer.weight_g")
+    );
+    assert_eq!((t.source.k, t.source.dim), (3, 3));
+    // Effective rows g·v/‖v‖, normalised: the negative g flips row 1.
+    let expect = Tensor::from_slice(&[
+        0.6f64,
+        0.8,
+        0.0,
+        0.0,
+        -1.0,
+        0.0,
+        1.0 / 3f64.sqrt(),
+        1.0 / 3f64.sqrt(),
+        1.0 / 3f64.sqrt(),
+    ])
+    .reshape([3, 3]);
+    let err = (&t.normalized - &expect).abs().max().double_value(&[]);
+    assert!(err < 1e-7, "{err}");
+    assert_eq!(t.normalized.kind(), Kind::Double);
+
+    let s = Prototypes::load(&path, Head::Student).unwrap();
+    assert_eq!(s.source.weight_v, "student.module.head.last_layer.weight_v");
+    let row0 = Vec::<f64>::try_from(s.normalized.get(0)).unwrap();
+    let inv = 1.0 / 3f64.sqrt();
+    assert!(row0.iter().all(|x| (x - inv).abs() < 1e-7));
+}
+
+#[test]
+fn bare_head_half_precision_without_g() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = v_matrix().to_kind(Kind::Half);
+    let path = write(
+        &dir,
+        "head.safetensors",
+        &[("head.last_layer.weight_v", &v)],
+    );
+    let p = Prototypes::load(&path, Head::Teacher).unwrap();
+    assert_eq!(p.source.head, "bare");
+    assert!(p.source.weight_g.is_none());
+    let norms = p
+        .normalized
+        .norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
+    let err = (norms - 1.0).abs().max().double_value(&[]);
+    assert!(err < 1e-12);
+    // And it feeds the unique analysis directly.
+    let a = analyze_unique(&p.normalized, &UniqueOptions::default()).unwrap();
+    assert_eq!(a.report.counts[0].greedy, 3);
+}
+
+#[test]
+fn missing_head_and_unreadable_file_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = v_matrix();
+    let path = write(
+        &dir,
+        "student_only.safetensors",
+        &[("student.head.last_layer.weight_v", &v)],
+    );
+    match Prototypes::load(&path, Head::Teacher) {
+        Err(AnalysisError::NoPrototypeLayer { available, .. }) => {
+            assert!(available.contains("student.head.last_layer.weight_v"))
+        }
+        other => panic!("expected NoPrototypeLayer, got {other:?}"),
+    }
+    assert!(Prototypes::load(&path, Head::Student).is_ok());
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"not a safetensors file").unwrap();
+    assert!(matches!(
+        Prototypes::load(&junk, Head::Teacher),
+        Err(AnalysisError::ReadWeights { .. })
+    ));
+    let bad_g = Tensor::ones([2, 1], tch::kind::FLOAT_CPU);
+    let path = write(
+        &dir,
+        "bad_g.safetensors",
+        &[
+            ("teacher.head.last_layer.weight_v", &v),
+            ("teacher.head.last_layer.weight_g", &bad_g),
+        ],
+    );
+    assert!(matches!(
+        Prototypes::load(&path, Head::Teacher),
+        Err(AnalysisError::Shape(_))
+    ));
+}
