@@ -4,6 +4,13 @@
 //! `dpkg-deb -x`); its four IDX files are decompressed and checked against the SHA-256 of the
 //! original data before anything is written under `data/fashion-mnist/raw/`. The directory is
 //! assembled in a temporary place and renamed, so an interrupted run leaves nothing half-made.
+//!
+//! The verified IDX files are then converted once, by the data crate's `protodino-data` tool,
+//! into the project's shard format: `fashion-mnist/train` (60 000), `fashion-mnist/test`
+//! (10 000; labels kept for evaluation) and the long-tailed variant `fashion-mnist/train-lt100`
+//! (class counts decaying exponentially, imbalance ratio 100; its source ids are listed in
+//! `train-lt100.ids`). The conversion is deterministic, so the SHA-256 of every shard index is
+//! pinned below and checked, and every record is decoded once (`verify`).
 
 use std::fs;
 use std::io::Read;
@@ -44,6 +51,7 @@ pub fn data_root() -> PathBuf {
 pub fn ensure() -> Result<PathBuf> {
     let root = data_root();
     ensure_fashion_mnist_raw(&root.join("fashion-mnist"))?;
+    ensure_fashion_mnist_shards(&root.join("fashion-mnist"))?;
     Ok(root)
 }
 
@@ -85,6 +93,81 @@ fn ensure_fashion_mnist_raw(dir: &Path) -> Result<()> {
     fs::write(work.join(".complete"), "verified by SHA-256\n")?;
     let _ = fs::remove_dir_all(&raw);
     fs::rename(&work, &raw)?;
+    Ok(())
+}
+
+/// SHA-256 of the `index.pdi` of each converted split (records are stored raw, so the
+/// conversion is byte-for-byte deterministic).
+pub const FASHION_MNIST_SHARDS: &[(&str, u64, &str)] = &[
+    ("train", 60_000, INDEX_SHA_TRAIN),
+    ("test", 10_000, INDEX_SHA_TEST),
+    ("train-lt100", LT100_RECORDS, INDEX_SHA_LT100),
+];
+const INDEX_SHA_TRAIN: &str = "d2e47081431e49a31ff448a53c62a206981870f29325560664be1041bf4e2fb0";
+const INDEX_SHA_TEST: &str = "c55954f6e167b438da96d56b739899ccddba90ffdea741a21b47f794d44fe9da";
+const INDEX_SHA_LT100: &str = "91c023bf6d491de89d657ca37ebcc46b21b6303dc0aa5510d2db30d4f129702d";
+/// floor(6000 · 100^(−c/9)) summed over the 10 classes.
+const LT100_RECORDS: u64 = 14_886;
+
+/// Run the data crate's tool (`cargo run -p protodino-data --bin protodino-data -- …`).
+fn data_tool(args: &[&std::ffi::OsStr]) -> Result<()> {
+    let mut c = crate::cargo();
+    c.args([
+        "run",
+        "-q",
+        "-p",
+        "protodino-data",
+        "--bin",
+        "protodino-data",
+        "--",
+    ]);
+    c.args(args);
+    crate::run(c)
+}
+
+fn ensure_fashion_mnist_shards(dir: &Path) -> Result<()> {
+    let marker = dir.join(".shards-complete");
+    if marker.exists() {
+        return Ok(());
+    }
+    let raw = dir.join("raw");
+    for (split, prefix) in [("train", "train"), ("test", "t10k")] {
+        let images = raw.join(format!("{prefix}-images-idx3-ubyte"));
+        let labels = raw.join(format!("{prefix}-labels-idx1-ubyte"));
+        let out = dir.join(split);
+        data_tool(&[
+            "convert-idx".as_ref(),
+            images.as_os_str(),
+            labels.as_os_str(),
+            out.as_os_str(),
+            "fashion-mnist".as_ref(),
+        ])?;
+    }
+    let lt = dir.join("train-lt100");
+    data_tool(&[
+        "long-tail".as_ref(),
+        dir.join("train").as_os_str(),
+        "100".as_ref(),
+        lt.as_os_str(),
+    ])?;
+    for (split, records, want) in FASHION_MNIST_SHARDS {
+        let index = dir.join(split).join("index.pdi");
+        let bytes = fs::read(&index).with_context(|| format!("reading {}", index.display()))?;
+        let got = hex::encode(Sha256::digest(&bytes));
+        let n = u64::from_le_bytes(bytes[8..16].try_into()?);
+        ensure!(n == *records, "{split}: {n} records, expected {records}");
+        ensure!(
+            got == *want,
+            "{}: SHA-256 {got} differs from the pinned {want}",
+            index.display()
+        );
+        data_tool(&[
+            "verify".as_ref(),
+            "shards".as_ref(),
+            dir.join(split).as_os_str(),
+        ])?;
+    }
+    fs::write(&marker, "converted and verified\n")?;
     Ok(())
 }
 

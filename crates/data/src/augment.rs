@@ -83,9 +83,15 @@ pub fn sample_rrc(rng: &mut CounterRng, width: usize, height: usize, scale: [f64
     }
     let in_ratio = width as f64 / height as f64;
     let (w, h) = if in_ratio < RATIO[0] {
-        (width, (py_round(width as f64 / RATIO[0]) as usize).min(height))
+        (
+            width,
+            (py_round(width as f64 / RATIO[0]) as usize).min(height),
+        )
     } else if in_ratio > RATIO[1] {
-        ((py_round(height as f64 * RATIO[1]) as usize).min(width), height)
+        (
+            (py_round(height as f64 * RATIO[1]) as usize).min(width),
+            height,
+        )
     } else {
         (width, height)
     };
@@ -175,20 +181,20 @@ pub fn render_crop_u8(img: &RgbImage, size: usize, p: &CropParams, scratch: &mut
         w: size,
         h: size,
     };
-    scratch.resampler.resize_crop(
-        &img.data,
-        img.width,
-        p.rect,
-        size,
-        size,
-        full,
-        &mut scratch.pixels,
-    );
+    scratch
+        .resampler
+        .resize_crop(img, p.rect, size, size, full, &mut scratch.pixels);
     apply_photometric(&mut scratch.pixels, size, p, &mut scratch.blur);
 }
 
 /// Produce one crop, normalised, planar, into `out` (`3 · size²` floats).
-pub fn render_crop(img: &RgbImage, size: usize, p: &CropParams, scratch: &mut Scratch, out: &mut [f32]) {
+pub fn render_crop(
+    img: &RgbImage,
+    size: usize,
+    p: &CropParams,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
     render_crop_u8(img, size, p, scratch);
     normalize_into(&scratch.pixels, out);
 }
@@ -199,7 +205,13 @@ pub fn render_crop(img: &RgbImage, size: usize, p: &CropParams, scratch: &mut Sc
 /// If the resized image is smaller than the crop (resize < crop) the window is clamped to the
 /// image and the output is resized to `crop` directly (torchvision would zero-pad; documented
 /// difference for a configuration DINO never uses).
-pub fn render_eval(img: &RgbImage, resize: usize, crop: usize, scratch: &mut Scratch, out: &mut [f32]) {
+pub fn render_eval(
+    img: &RgbImage,
+    resize: usize,
+    crop: usize,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
     let (w, h) = (img.width, img.height);
     let (rw, rh) = if w <= h {
         (resize, (resize as f64 * h as f64 / w as f64) as usize)
@@ -219,7 +231,7 @@ pub fn render_eval(img: &RgbImage, resize: usize, crop: usize, scratch: &mut Scr
         };
         scratch
             .resampler
-            .resize_crop(&img.data, w, src, rw, rh, window, &mut scratch.pixels);
+            .resize_crop(img, src, rw, rh, window, &mut scratch.pixels);
     } else {
         let window = Rect {
             x: 0,
@@ -229,7 +241,7 @@ pub fn render_eval(img: &RgbImage, resize: usize, crop: usize, scratch: &mut Scr
         };
         scratch
             .resampler
-            .resize_crop(&img.data, w, src, crop, crop, window, &mut scratch.pixels);
+            .resize_crop(img, src, crop, crop, window, &mut scratch.pixels);
     }
     normalize_into(&scratch.pixels, out);
 }

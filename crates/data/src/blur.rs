@@ -25,7 +25,11 @@ fn kernel(half: usize, sigma: f64, out: &mut Vec<f32>) {
     let ksize_half = (size as f32 - 1.0) * 0.5;
     let sigma = sigma as f32;
     // torch.linspace(-h, h, size): start + i * step.
-    let step = if size > 1 { 2.0 * ksize_half / (size as f32 - 1.0) } else { 0.0 };
+    let step = if size > 1 {
+        2.0 * ksize_half / (size as f32 - 1.0)
+    } else {
+        0.0
+    };
     for i in 0..size {
         let x = -ksize_half + i as f32 * step;
         out.push((-0.5 * (x / sigma) * (x / sigma)).exp());

@@ -98,7 +98,9 @@ pub type SharedDataset = Arc<dyn Dataset>;
 
 fn raw_dims(bytes: &[u8]) -> Result<(usize, usize, &[u8]), RecordError> {
     if bytes.len() < 8 {
-        return Err(RecordError::Malformed("raw record shorter than its header".into()));
+        return Err(RecordError::Malformed(
+            "raw record shorter than its header".into(),
+        ));
     }
     let w = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
     let h = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
@@ -184,6 +186,43 @@ impl Dataset for Limited {
             return Err(RecordError::OutOfRange(id));
         }
         self.inner.read_record(id)
+    }
+    fn ignored_entries(&self) -> &[String] {
+        self.inner.ignored_entries()
+    }
+}
+
+/// A data set restricted to listed sample ids (new id `i` = `ids[i]` of the inner set), e.g.
+/// the long-tailed subset.
+pub struct Subset {
+    inner: SharedDataset,
+    ids: Vec<u64>,
+}
+
+impl Subset {
+    pub fn new(inner: SharedDataset, ids: Vec<u64>) -> Self {
+        Self { inner, ids }
+    }
+}
+
+impl Dataset for Subset {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+    fn label(&self, id: u64) -> i64 {
+        self.ids
+            .get(id as usize)
+            .map_or(-1, |&i| self.inner.label(i))
+    }
+    fn classes(&self) -> &[String] {
+        self.inner.classes()
+    }
+    fn read_record(&self, id: u64) -> Result<Record, RecordError> {
+        let &i = self
+            .ids
+            .get(id as usize)
+            .ok_or(RecordError::OutOfRange(id))?;
+        self.inner.read_record(i)
     }
     fn ignored_entries(&self) -> &[String] {
         self.inner.ignored_entries()

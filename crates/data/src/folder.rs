@@ -70,8 +70,11 @@ impl FileDataset {
             path: root.to_path_buf(),
             source,
         })?;
-        let mut class_dirs: Vec<PathBuf> =
-            rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        let mut class_dirs: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
         class_dirs.sort();
         let mut ds = Self {
             files: Vec::new(),
@@ -80,8 +83,10 @@ impl FileDataset {
             ignored: Vec::new(),
         };
         for (c, dir) in class_dirs.iter().enumerate() {
-            ds.classes
-                .push(dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into()));
+            ds.classes.push(
+                dir.file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into()),
+            );
             let mut files = Vec::new();
             walk(dir, &mut files)?;
             for f in files {
@@ -137,8 +142,10 @@ impl FileDataset {
             };
             let p = Path::new(path);
             if p.is_absolute() || p.components().any(|c| c.as_os_str() == "..") {
-                ds.ignored
-                    .push(format!("line {}: path outside the list's root: {path}", n + 1));
+                ds.ignored.push(format!(
+                    "line {}: path outside the list's root: {path}",
+                    n + 1
+                ));
                 continue;
             }
             ds.files.push(base.join(p));
@@ -171,7 +178,11 @@ impl FileDataset {
             ignored: Vec::new(),
         };
         if let Some(cats) = v["categories"].as_array() {
-            let max = cats.iter().filter_map(|c| c["id"].as_i64()).max().unwrap_or(-1);
+            let max = cats
+                .iter()
+                .filter_map(|c| c["id"].as_i64())
+                .max()
+                .unwrap_or(-1);
             ds.classes = vec![String::new(); (max + 1).max(0) as usize];
             for c in cats {
                 if let (Some(id), Some(name)) = (c["id"].as_i64(), c["name"].as_str()) {
@@ -187,7 +198,9 @@ impl FileDataset {
                     ds.files.push(base.join(f));
                     ds.labels.push(label_of.get(&id).copied().unwrap_or(-1));
                 }
-                _ => ds.ignored.push(format!("images[{n}]: no id/file_name or unsafe path")),
+                _ => ds
+                    .ignored
+                    .push(format!("images[{n}]: no id/file_name or unsafe path")),
             }
         }
         Ok(ds)

@@ -51,7 +51,9 @@ impl Loader {
             )));
         }
         if data.eval_resize < 1 || data.eval_crop_size < 1 {
-            return Err(DataError::Config("eval_resize and eval_crop_size must be >= 1".into()));
+            return Err(DataError::Config(
+                "eval_resize and eval_crop_size must be >= 1".into(),
+            ));
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(data.num_threads as usize)

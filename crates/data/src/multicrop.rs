@@ -170,8 +170,9 @@ pub fn fill_batch(
         batch.labels.clear();
         return;
     }
-    let mut slots: Vec<Vec<&mut [f32]>> =
-        (0..b).map(|_| Vec::with_capacity(crops.specs.len())).collect();
+    let mut slots: Vec<Vec<&mut [f32]>> = (0..b)
+        .map(|_| Vec::with_capacity(crops.specs.len()))
+        .collect();
     for crop in batch.global_crops.chunks_mut(b * g3) {
         for (n, s) in crop.chunks_mut(g3).enumerate() {
             slots[n].push(s);

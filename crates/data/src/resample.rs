@@ -66,15 +66,21 @@ impl Coeffs {
                 ww += w;
             }
             let k = &mut self.kk[xx * ksize..(xx + 1) * ksize];
-            for x in 0..taps {
-                let w = if ww != 0.0 { self.prekk[x] / ww } else { self.prekk[x] };
+            for (kx, &pre) in k.iter_mut().zip(&self.prekk[..taps]) {
+                let w = if ww != 0.0 { pre / ww } else { pre };
                 let f = w * (1u32 << PRECISION_BITS) as f64;
-                k[x] = if w < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
+                *kx = if w < 0.0 {
+                    (f - 0.5) as i32
+                } else {
+                    (f + 0.5) as i32
+                };
             }
             self.bounds.push((xmin, taps));
         }
     }
 }
+
+use crate::image::RgbImage;
 
 #[inline]
 fn clip8(acc: i32) -> u8 {
@@ -100,13 +106,12 @@ pub struct Rect {
 }
 
 impl Resampler {
-    /// Resample the `src_box` of the RGB image `src` (row stride `3 * src_width`) to a full
+    /// Resample the `src_box` of the RGB image `src` to a full
     /// output size `out_w × out_h`, writing only the output window `out_box` into `dst`
     /// (interleaved RGB, `3 * out_box.w * out_box.h` bytes).
     pub fn resize_crop(
         &mut self,
-        src: &[u8],
-        src_width: usize,
+        src: &RgbImage,
         src_box: Rect,
         out_w: usize,
         out_h: usize,
@@ -117,9 +122,9 @@ impl Resampler {
         self.horiz.compute(src_box.w, out_w, out_box.x, out_box.w);
         self.vert.compute(src_box.h, out_h, out_box.y, out_box.h);
         if vertical_first(src_box.w, src_box.h, out_w, out_h) {
-            self.vertical_then_horizontal(src, src_width, src_box, out_box, dst);
+            self.vertical_then_horizontal(&src.data, src.width, src_box, out_box, dst);
         } else {
-            self.horizontal_then_vertical(src, src_width, src_box, out_box, dst);
+            self.horizontal_then_vertical(&src.data, src.width, src_box, out_box, dst);
         }
     }
 
@@ -145,7 +150,15 @@ impl Resampler {
             let out = &mut self.tmp[r * row_len..(r + 1) * row_len];
             horizontal_row(&self.horiz, row, 0, out);
         }
-        vertical_pass(&self.vert, &self.tmp, row_len, first, row_len, &mut self.acc, dst);
+        vertical_pass(
+            &self.vert,
+            &self.tmp,
+            row_len,
+            first,
+            row_len,
+            &mut self.acc,
+            dst,
+        );
     }
 
     /// Pillow 13 order when the height shrinks much more than the width: columns first into
@@ -253,21 +266,37 @@ mod tests {
 
     #[test]
     fn identity_size_is_a_copy() {
-        let src: Vec<u8> = (0..3 * 7 * 5).map(|v| (v * 37 % 256) as u8).collect();
-        let mut dst = vec![0u8; src.len()];
-        let full = Rect { x: 0, y: 0, w: 7, h: 5 };
-        Resampler::default().resize_crop(&src, 7, full, 7, 5, full, &mut dst);
-        assert_eq!(src, dst);
+        let data: Vec<u8> = (0..3 * 7 * 5).map(|v| (v * 37 % 256) as u8).collect();
+        let src = RgbImage::new(7, 5, data.clone()).expect("image");
+        let mut dst = vec![0u8; data.len()];
+        let full = Rect {
+            x: 0,
+            y: 0,
+            w: 7,
+            h: 5,
+        };
+        Resampler::default().resize_crop(&src, full, 7, 5, full, &mut dst);
+        assert_eq!(data, dst);
     }
 
     #[test]
     fn constant_image_stays_constant_up_and_down() {
-        let src = vec![77u8; 3 * 40 * 30];
+        let src = RgbImage::new(40, 30, vec![77u8; 3 * 40 * 30]).expect("image");
         for (ow, oh) in [(13, 9), (96, 96), (5, 61)] {
             let mut dst = vec![0u8; 3 * ow * oh];
-            let b = Rect { x: 3, y: 2, w: 30, h: 20 };
-            let o = Rect { x: 0, y: 0, w: ow, h: oh };
-            Resampler::default().resize_crop(&src, 40, b, ow, oh, o, &mut dst);
+            let b = Rect {
+                x: 3,
+                y: 2,
+                w: 30,
+                h: 20,
+            };
+            let o = Rect {
+                x: 0,
+                y: 0,
+                w: ow,
+                h: oh,
+            };
+            Resampler::default().resize_crop(&src, b, ow, oh, o, &mut dst);
             assert!(dst.iter().all(|&v| v == 77), "{ow}x{oh}");
         }
     }

@@ -27,7 +27,11 @@ pub fn sample_key(seed: u64, epoch: u64, sample_id: u64, stream: u64) -> u64 {
     let mut k = mix64(seed ^ GOLDEN);
     k = mix64(k ^ epoch.wrapping_mul(GOLDEN).wrapping_add(0x1234_5678));
     k = mix64(k ^ sample_id.wrapping_mul(0xd1b5_4a32_d192_ed03));
-    mix64(k ^ stream.wrapping_mul(0x8cb9_2ba7_2f3d_8dd7).wrapping_add(GOLDEN))
+    mix64(
+        k ^ stream
+            .wrapping_mul(0x8cb9_2ba7_2f3d_8dd7)
+            .wrapping_add(GOLDEN),
+    )
 }
 
 /// A counter-based generator: `draw(n)` depends only on the key and `n`.

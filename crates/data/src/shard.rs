@@ -281,7 +281,11 @@ impl ShardDataset {
             })
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(e) = index.iter().find(|e| e.shard as usize >= files.len()) {
-            return Err(bad(format!("entry names shard {} of {}", e.shard, files.len())));
+            return Err(bad(format!(
+                "entry names shard {} of {}",
+                e.shard,
+                files.len()
+            )));
         }
         Ok(Self {
             dir: dir.to_path_buf(),

@@ -25,11 +25,15 @@ fn load_png(name: &str) -> RgbImage {
 }
 
 fn p_usize(c: &Value, k: &str) -> usize {
-    c["params"][k].as_u64().unwrap_or_else(|| panic!("{k} in {}", c["name"])) as usize
+    c["params"][k]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{k} in {}", c["name"])) as usize
 }
 
 fn p_f64(c: &Value, k: &str) -> f64 {
-    c["params"][k].as_f64().unwrap_or_else(|| panic!("{k} in {}", c["name"]))
+    c["params"][k]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{k} in {}", c["name"]))
 }
 
 fn run_case(c: &Value, img: &RgbImage, scratch: &mut Scratch) -> Vec<u8> {
@@ -51,7 +55,7 @@ fn run_case(c: &Value, img: &RgbImage, scratch: &mut Scratch) -> Vec<u8> {
                 w: size,
                 h: size,
             };
-            Resampler::default().resize_crop(&img.data, w, rect, size, size, full, &mut out);
+            Resampler::default().resize_crop(img, rect, size, size, full, &mut out);
             out
         }
         "hflip" => {
@@ -96,7 +100,12 @@ fn run_case(c: &Value, img: &RgbImage, scratch: &mut Scratch) -> Vec<u8> {
             let f = &c["params"]["factors"];
             let order: Vec<usize> = c["params"]["order"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64())
+                        .map(|v| v as usize)
+                        .collect()
+                })
                 .unwrap_or_default();
             let params = CropParams {
                 rect: Rect {
@@ -174,7 +183,9 @@ fn transforms_match_torchvision_within_one_level() {
             failures.push(format!("{name}: max |diff| {max} > 1/255"));
         } else if off_by_one > 0 && !matches!(op, "blur" | "chain") {
             // Ops whose arithmetic we reproduce exactly must be bit-exact.
-            failures.push(format!("{name}: expected bit-exact, {off_by_one} values differ"));
+            failures.push(format!(
+                "{name}: expected bit-exact, {off_by_one} values differ"
+            ));
         }
         checked += 1;
     }
