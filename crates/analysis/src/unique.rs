@@ -236,8 +236,13 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
         })
         .collect();
 
-    let best_sim = Tensor::f_full([k], -3.0, (Kind::Float, tch::Device::Cpu))?;
-    let best_idx = Tensor::f_zeros([k], (Kind::Int64, tch::Device::Cpu))?;
+    let cpu = tch::Device::Cpu;
+    // Nearest neighbour of i among j > i (row part) and among j < i (column part: only the
+    // best value and the block it came from; its index is resolved at the end).
+    let row_sim = Tensor::f_full([k], -3.0, (Kind::Float, cpu))?;
+    let row_idx = Tensor::f_zeros([k], (Kind::Int64, cpu))?;
+    let col_sim = Tensor::f_full([k], -3.0, (Kind::Float, cpu))?;
+    let col_block = Tensor::f_full([k], -1, (Kind::Int64, cpu))?;
     let block = opts.block_rows.min(k);
     let lower = Tensor::f_ones([block, block], (Kind::Bool, tch::Device::Cpu))?.f_tril(0)?;
     let mut candidate_pairs = 0u64;
@@ -256,21 +261,19 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
             .f_masked_fill_(&lower.f_narrow(0, 0, b)?.f_narrow(1, 0, b)?, -3.0)?;
 
         let (row_max, row_arg) = s.f_max_dim(1, false)?;
-        update_best(
-            &best_sim,
-            &best_idx,
-            b0,
-            &row_max,
-            &row_arg.f_add_scalar(b0)?,
-        )?;
-        let (col_max, col_arg) = s.f_max_dim(0, false)?;
-        update_best(
-            &best_sim,
-            &best_idx,
-            b0,
-            &col_max,
-            &col_arg.f_add_scalar(b0)?,
-        )?;
+        row_sim.f_narrow(0, b0, b)?.f_copy_(&row_max)?;
+        row_idx
+            .f_narrow(0, b0, b)?
+            .f_copy_(&row_arg.f_add_scalar(b0)?)?;
+        // Column maxima without indices: `amax` over rows is a cheap vectorised reduction,
+        // where `max_dim(0)` with indices is a slow strided one.
+        let col_max = s.f_amax([0i64].as_slice(), false)?;
+        let mut cur = col_sim.f_narrow(0, b0, width)?;
+        let better = col_max.f_gt_tensor(&cur)?;
+        let _ = col_block
+            .f_narrow(0, b0, width)?
+            .f_masked_fill_(&better, b0 / block)?;
+        cur.f_copy_(&col_max.f_where_self(&better, &cur)?)?;
         let block_max = row_max.f_max()?.f_double_value(&[])?;
 
         // Candidate pairs of this block, in row-major order, chunk by chunk.
@@ -281,9 +284,14 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
             while r0 < b {
                 let r = rows_per_chunk.min(b - r0);
                 let sub = s.f_narrow(0, r0, r)?;
-                let mask = sub.f_gt(s_lo)?;
-                let idx = Vec::<i64>::try_from(mask.f_nonzero()?.f_reshape([-1])?)?;
-                let val = Vec::<f32>::try_from(sub.f_masked_select(&mask)?)?;
+                let nz = sub.f_gt(s_lo)?.f_nonzero()?;
+                // Gather the values through flat indices (cheaper than a second masked scan).
+                let flat = nz
+                    .f_select(1, 0)?
+                    .f_mul_scalar(width)?
+                    .f_add(&nz.f_select(1, 1)?)?;
+                let val = Vec::<f32>::try_from(sub.f_reshape([-1])?.f_index_select(0, &flat)?)?;
+                let idx = Vec::<i64>::try_from(nz.f_reshape([-1])?)?;
                 for (p, v) in idx.chunks_exact(2).zip(val) {
                     pairs.push(((b0 + r0 + p[0]) as usize, (b0 + p[1]) as usize, v));
                 }
@@ -332,6 +340,7 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
         b0 += b;
     }
 
+    let best_idx = resolve_nn(&mu32, &row_sim, &row_idx, &col_sim, &col_block, block)?;
     let nn_index = Vec::<i64>::try_from(&best_idx)?;
     let nn = nn_stats(&mu64, &best_idx)?;
     let counts = states
@@ -364,23 +373,42 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
     })
 }
 
-/// `best[b0 + t] = max(best[b0 + t], values[t])` with the matching index, in place.
-fn update_best(
-    best_sim: &Tensor,
-    best_idx: &Tensor,
-    b0: i64,
-    values: &Tensor,
-    index: &Tensor,
-) -> Result<()> {
-    let n = values.size()[0];
-    let mut cur_sim = best_sim.f_narrow(0, b0, n)?;
-    let mut cur_idx = best_idx.f_narrow(0, b0, n)?;
-    let better = values.f_gt_tensor(&cur_sim)?;
-    let new_sim = values.f_where_self(&better, &cur_sim)?;
-    let new_idx = index.f_where_self(&better, &cur_idx)?;
-    cur_sim.f_copy_(&new_sim)?;
-    cur_idx.f_copy_(&new_idx)?;
-    Ok(())
+/// The nearest neighbour of every row: the row part's index where it is at least as similar,
+/// otherwise the argmax over the rows `i < j` of the block that held column j's maximum
+/// (one small GEMM per block: K·block_rows·d multiply-adds in all).
+fn resolve_nn(
+    mu32: &Tensor,
+    row_sim: &Tensor,
+    row_idx: &Tensor,
+    col_sim: &Tensor,
+    col_block: &Tensor,
+    block: i64,
+) -> Result<Tensor> {
+    let k = mu32.size()[0];
+    let mut best = row_idx.copy();
+    let from_col = col_sim.f_gt_tensor(row_sim)?;
+    let blocks = (k + block - 1) / block;
+    for blk in 0..blocks {
+        let cols = from_col
+            .f_logical_and(&col_block.f_eq(blk)?)?
+            .f_nonzero()?
+            .f_reshape([-1])?;
+        if cols.numel() == 0 {
+            continue;
+        }
+        let b0 = blk * block;
+        let b = block.min(k - b0);
+        let mut sims = mu32
+            .f_index_select(0, &cols)?
+            .f_matmul(&mu32.f_narrow(0, b0, b)?.f_tr()?)?;
+        // Only rows i < j took part in column j's maximum.
+        let rows = Tensor::f_arange_start(b0, b0 + b, (Kind::Int64, tch::Device::Cpu))?;
+        let not_before = rows.f_unsqueeze(0)?.f_ge_tensor(&cols.f_unsqueeze(1)?)?;
+        let _ = sims.f_masked_fill_(&not_before, -3.0)?;
+        let arg = sims.f_argmax(1, false)?.f_add_scalar(b0)?;
+        let _ = best.f_index_copy_(0, &cols, &arg)?;
+    }
+    Ok(best)
 }
 
 /// Exact (f64) distances to the nearest neighbours found, their statistics and `L_KP`.
