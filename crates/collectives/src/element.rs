@@ -54,7 +54,9 @@ impl Element for f32 {
     const DTYPE: DType = DType::F32;
     fn add_into(acc: &mut [f32], incoming: &[f32]) {
         for (a, b) in acc.iter_mut().zip(incoming) {
-            *a = *b + *a;
+            // IEEE addition is commutative, so `a + b` and `b + a` are the same bits; only the
+            // association order (fixed by the ring schedule) matters.
+            *a += *b;
         }
     }
     fn divide(buf: &mut [f32], divisor: usize) {

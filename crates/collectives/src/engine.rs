@@ -113,6 +113,47 @@ pub fn run<T: Element>(
     timeout: Duration,
     during: &'static str,
 ) -> Result<()> {
+    if std::mem::size_of_val(buf) >= DUPLEX_MIN_BYTES {
+        crate::duplex::run(
+            links,
+            header,
+            buf,
+            bounds,
+            steps,
+            chunk_bytes,
+            timeout,
+            during,
+        )
+    } else {
+        run_single(
+            links,
+            header,
+            buf,
+            bounds,
+            steps,
+            chunk_bytes,
+            timeout,
+            during,
+        )
+    }
+}
+
+/// Buffers from this size on use the two-thread engine (`duplex.rs`); below it, the thread
+/// hand-offs cost more than the parallel copies gain.
+pub const DUPLEX_MIN_BYTES: usize = 1 << 20;
+
+/// The one-thread engine.
+#[allow(clippy::too_many_arguments)]
+fn run_single<T: Element>(
+    links: &mut Links,
+    header: &Header,
+    buf: &mut [T],
+    bounds: &[usize],
+    steps: &[Step],
+    chunk_bytes: usize,
+    timeout: Duration,
+    during: &'static str,
+) -> Result<()> {
     let elem = std::mem::size_of::<T>();
     let chunk_elems = (chunk_bytes / elem).max(1);
     let chunk = chunk_elems * elem;

@@ -15,7 +15,8 @@
 //! Module map (start with `ring.rs`):
 //! - `options`   — [`GroupSpec`] (rank, world, peers, secret) and [`GroupOptions`] (deadlines, sizes)
 //! - `ring`      — [`RingGroup`]: forming the ring, all-reduce, all-gather, barrier, abort
-//! - `engine`    — the one-thread, poll-driven pipelined ring over (step, chunk) units
+//! - `engine`    — the pipelined ring schedule and its one-thread, poll-driven loop
+//! - `duplex`    — the two-thread variant for large buffers (sender thread + receiving thread)
 //! - `broadcast` — streamed broadcast from any rank (`Read` at the root, `Write` elsewhere)
 //! - `bucket`    — many tensors at once through flat buckets (DDP-style, 25 MiB default)
 //! - `auth`      — HMAC-SHA256 challenge–response handshake proving the group secret
@@ -29,6 +30,7 @@
 pub mod auth;
 mod broadcast;
 mod bucket;
+mod duplex;
 pub mod element;
 mod engine;
 pub mod error;

@@ -140,3 +140,92 @@ fn wrong_length_all_gather_is_rejected_locally() {
     });
     assert_eq!(out, vec![(true, false)]);
 }
+
+#[test]
+fn odd_chunk_sizes_on_both_engines() {
+    // 4100-byte chunks: not a power of two, and half a bf16 chunk is not a whole f32 chunk.
+    // 333_333 f32 (1.3 MB) take the two-thread engine, the rest the one-thread loop.
+    let options = GroupOptions {
+        chunk_bytes: 4100,
+        ..opts()
+    };
+    for world in [2, 3] {
+        let inputs: Vec<Vec<f32>> = (0..world).map(|r| test_pattern(3, r, 333_333)).collect();
+        let small: Vec<Vec<bf16>> = (0..world).map(|r| test_pattern(4, r, 70_001)).collect();
+        let outputs = in_process_groups(world, options.clone(), |mut g| {
+            let mut a = inputs[g.rank()].clone();
+            g.all_reduce(&mut a, ReduceOp::Sum).unwrap();
+            let mut b = small[g.rank()].clone();
+            g.all_reduce(&mut b, ReduceOp::Sum).unwrap();
+            (a, b)
+        });
+        let (ea, eb) = (ring_sum(&inputs), ring_sum(&small));
+        for (a, b) in outputs {
+            assert!(a.iter().zip(&ea).all(|(x, y)| x.to_bits() == y.to_bits()));
+            assert_eq!(b, eb);
+        }
+    }
+}
+
+#[test]
+fn a_rank_that_never_arrives_hits_the_deadline() {
+    let options = GroupOptions {
+        timeout: std::time::Duration::from_millis(300),
+        ..opts()
+    };
+    let outputs = in_process_groups(3, options, |mut g| {
+        if g.rank() == 1 {
+            // Stays in the group but never enters the collective, then leaves after the others.
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let mut big = vec![1.0f32; 2_000_000];
+        let err = g.all_reduce(&mut big, ReduceOp::Sum).unwrap_err();
+        Some((
+            err.is_peer_failure(),
+            started.elapsed(),
+            g.all_reduce(&mut big, ReduceOp::Sum).is_err(),
+        ))
+    });
+    for (failed, took, still_failing) in outputs.into_iter().flatten() {
+        assert!(failed && still_failing);
+        assert!(took < std::time::Duration::from_millis(1200), "{took:?}");
+    }
+}
+
+#[test]
+fn broadcast_source_failure_fails_everyone() {
+    struct Failing(usize);
+    impl std::io::Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::other("disk gone"));
+            }
+            let n = buf.len().min(self.0);
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+    let outputs = in_process_groups(3, opts(), |mut g| {
+        let started = std::time::Instant::now();
+        let result = if g.rank() == 0 {
+            g.broadcast_send(&mut Failing(1 << 20), 8 << 20).map(|()| 0)
+        } else {
+            g.broadcast_recv(0, &mut std::io::sink())
+        };
+        (result, started.elapsed())
+    });
+    assert!(
+        matches!(outputs[0].0, Err(CollectiveError::Stream(_))),
+        "{:?}",
+        outputs[0].0
+    );
+    for (result, took) in &outputs[1..] {
+        assert!(
+            matches!(result, Err(e) if e.is_peer_failure()),
+            "{result:?}"
+        );
+        assert!(*took < std::time::Duration::from_secs(2), "{took:?}");
+    }
+}
