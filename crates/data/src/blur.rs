@@ -51,11 +51,17 @@ fn reflect(i: isize, n: usize) -> usize {
 #[derive(Debug, Default)]
 pub struct GaussianBlur {
     kernel: Vec<f32>,
+    padded: Vec<f32>,
     tmp: Vec<f32>,
+    acc: Vec<f32>,
 }
 
 impl GaussianBlur {
     /// Blur the interleaved RGB image `px` (`width × height`) in place.
+    ///
+    /// Both passes sum the taps in kernel order, so the result does not depend on how rows
+    /// are laid out: each row is first copied with its reflected borders (no index
+    /// arithmetic in the inner loop), and the vertical pass accumulates whole rows.
     pub fn apply(&mut self, px: &mut [u8], width: usize, height: usize, sigma: f64) {
         let half = half_width(sigma).min(width.min(height).saturating_sub(1));
         if half == 0 {
@@ -63,33 +69,44 @@ impl GaussianBlur {
         }
         kernel(half, sigma, &mut self.kernel);
         let k = &self.kernel;
+        let row_len = 3 * width;
         self.tmp.resize(px.len(), 0.0);
+        self.padded.resize(3 * (width + 2 * half), 0.0);
         // Horizontal pass → f32.
         for y in 0..height {
-            let row = &px[3 * y * width..3 * (y + 1) * width];
-            let out = &mut self.tmp[3 * y * width..3 * (y + 1) * width];
-            for x in 0..width {
-                let mut s = [0f32; 3];
-                for (t, &w) in k.iter().enumerate() {
-                    let xs = reflect(x as isize + t as isize - half as isize, width);
-                    for c in 0..3 {
-                        s[c] += row[3 * xs + c] as f32 * w;
-                    }
+            let row = &px[y * row_len..(y + 1) * row_len];
+            for xp in 0..width + 2 * half {
+                let xs = reflect(xp as isize - half as isize, width);
+                for c in 0..3 {
+                    self.padded[3 * xp + c] = row[3 * xs + c] as f32;
                 }
-                out[3 * x..3 * x + 3].copy_from_slice(&s);
+            }
+            let out = &mut self.tmp[y * row_len..(y + 1) * row_len];
+            for (x, o) in out.chunks_exact_mut(3).enumerate() {
+                let win = &self.padded[3 * x..3 * (x + 2 * half + 1)];
+                let mut s = [0f32; 3];
+                for (p, &w) in win.chunks_exact(3).zip(k) {
+                    s[0] += p[0] * w;
+                    s[1] += p[1] * w;
+                    s[2] += p[2] * w;
+                }
+                o.copy_from_slice(&s);
             }
         }
         // Vertical pass → round half to even → u8.
-        let row_len = 3 * width;
+        self.acc.resize(row_len, 0.0);
         for y in 0..height {
-            let out = &mut px[y * row_len..(y + 1) * row_len];
-            for (i, o) in out.iter_mut().enumerate() {
-                let mut s = 0f32;
-                for (t, &w) in k.iter().enumerate() {
-                    let ys = reflect(y as isize + t as isize - half as isize, height);
-                    s += self.tmp[ys * row_len + i] * w;
+            self.acc.fill(0.0);
+            for (t, &w) in k.iter().enumerate() {
+                let ys = reflect(y as isize + t as isize - half as isize, height);
+                let src = &self.tmp[ys * row_len..(ys + 1) * row_len];
+                for (a, &v) in self.acc.iter_mut().zip(src) {
+                    *a += v * w;
                 }
-                *o = s.round_ties_even().clamp(0.0, 255.0) as u8;
+            }
+            let out = &mut px[y * row_len..(y + 1) * row_len];
+            for (o, &a) in out.iter_mut().zip(&self.acc) {
+                *o = a.round_ties_even().clamp(0.0, 255.0) as u8;
             }
         }
     }

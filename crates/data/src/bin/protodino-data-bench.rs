@@ -1,0 +1,125 @@
+//! Throughput of the full multi-crop pipeline (decode + every DINO transform + normalisation
+//! into the batch buffers), in images per second, for the two presets the project uses:
+//!
+//! * `dino`: 2 × 224 + 10 × 96 (official ViT-S/16 scales (0.25, 1) / (0.05, 0.25));
+//! * `cpu`:  2 × 32 + 6 × 16 (configs/cpu-demo.toml scales (0.4, 1) / (0.1, 0.4)).
+//!
+//! ```text
+//! protodino-data-bench [photos=DIR] [fmnist=SHARD_DIR] [threads=2] [images=512] [batch=64]
+//! ```
+//! `photos` is an ImageFolder of JPEGs (`reference/bench_torchvision.py --make-photos DIR`
+//! writes the ~500×375 photographs both benchmarks read); `fmnist` the Fashion-MNIST shard
+//! directory `cargo xtask data` provisions. The torchvision counterpart is
+//! `reference/bench_torchvision.py`, which prints the same table rows.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use protodino_config::{CropsConfig, DataConfig, DatasetFormat, TrainConfig};
+use protodino_data::{Loader, SharedDataset, open_dataset};
+
+fn preset(name: &str, base: &CropsConfig) -> CropsConfig {
+    match name {
+        "dino" => CropsConfig {
+            global_crop_size: 224,
+            global_crops_scale: [0.25, 1.0],
+            local_crops_number: 10,
+            local_crop_size: 96,
+            local_crops_scale: [0.05, 0.25],
+            ..base.clone()
+        },
+        _ => CropsConfig {
+            global_crop_size: 32,
+            global_crops_scale: [0.4, 1.0],
+            local_crops_number: 6,
+            local_crop_size: 16,
+            local_crops_scale: [0.1, 0.4],
+            ..base.clone()
+        },
+    }
+}
+
+fn run(
+    ds: &SharedDataset,
+    crops: &CropsConfig,
+    data: &DataConfig,
+    images: usize,
+    batch: usize,
+) -> f64 {
+    let n = ds.len() as u64;
+    let ids: Vec<u64> = (0..images as u64).map(|i| i % n).collect();
+    let steps: Vec<Vec<u64>> = ids.chunks(batch).map(<[u64]>::to_vec).collect();
+    let loader = match Loader::new(ds.clone(), crops, data, 0) {
+        Ok(l) => l,
+        Err(e) => panic!("loader: {e}"),
+    };
+    // Warm-up batch (thread-local buffers, page cache).
+    let _ = loader.make_batch(99, &steps[0]);
+    let t = Instant::now();
+    let mut stream = loader.epoch(0, steps);
+    let mut done = 0usize;
+    let mut skipped = 0usize;
+    while let Some(b) = stream.next() {
+        done += b.batch_size;
+        skipped += b.skipped.len();
+        stream.recycle(b);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(skipped, 0, "benchmark data has corrupt records");
+    done as f64 / secs
+}
+
+fn main() -> Result<()> {
+    let mut photos: Option<PathBuf> = None;
+    let mut fmnist: Option<PathBuf> = None;
+    let (mut threads, mut images, mut batch) = (2i64, 512usize, 64usize);
+    for a in std::env::args().skip(1) {
+        let (k, v) = a
+            .split_once('=')
+            .with_context(|| format!("expected key=value, got {a}"))?;
+        match k {
+            "photos" => photos = Some(v.into()),
+            "fmnist" => fmnist = Some(v.into()),
+            "threads" => threads = v.parse()?,
+            "images" => images = v.parse()?,
+            "batch" => batch = v.parse()?,
+            _ => bail!("unknown option {k}"),
+        }
+    }
+    let cfg = TrainConfig::defaults()?;
+    let data = DataConfig {
+        num_threads: threads,
+        prefetch_batches: 2,
+        ..cfg.data
+    };
+    let mut sets: Vec<(&str, SharedDataset)> = Vec::new();
+    if let Some(p) = photos {
+        sets.push((
+            "photos-500x375-jpeg",
+            open_dataset(DatasetFormat::ImageFolder, &p)?,
+        ));
+    }
+    if let Some(p) = fmnist {
+        sets.push((
+            "fashion-mnist-shards",
+            open_dataset(DatasetFormat::Shards, &p)?,
+        ));
+    }
+    if sets.is_empty() {
+        bail!("give photos=DIR and/or fmnist=SHARD_DIR");
+    }
+    println!("impl\tdataset\tpreset\tthreads\timages/s");
+    for (name, ds) in &sets {
+        let ds: SharedDataset = Arc::clone(ds);
+        for p in ["dino", "cpu"] {
+            let crops = preset(p, &cfg.crops);
+            // The cpu preset is ~100x cheaper per image: run more images for a stable figure.
+            let n = if p == "cpu" { images * 8 } else { images };
+            let ips = run(&ds, &crops, &data, n, batch);
+            println!("protodino\t{name}\t{p}\t{threads}\t{ips:.1}");
+        }
+    }
+    Ok(())
+}
