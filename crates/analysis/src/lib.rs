@@ -14,6 +14,8 @@
 //! * [`linear`] — linear probe on frozen features (SGD + momentum, cosine schedule).
 //! * [`fewshot`] — MSN-style few-shot logistic regression over labelled subsets and seeds,
 //!   solved by [`lbfgs`].
+//! * [`report`] — what the CLI prints: [`report::prototype_report`], `Display` renderings,
+//!   options from a `TrainConfig`.
 //! * [`stats`], [`rng`] — entropy / quantile helpers and the seeded generator all random choices
 //!   use; `error` — [`AnalysisError`].
 
@@ -23,6 +25,7 @@ pub mod knn;
 pub mod lbfgs;
 pub mod linear;
 pub mod prototypes;
+pub mod report;
 pub mod rng;
 pub mod stats;
 mod union_find;
@@ -34,5 +37,6 @@ pub use fewshot::{FewShotOptions, FewShotReport, fewshot_eval};
 pub use knn::{KnnOptions, KnnReport, knn_classify};
 pub use linear::{LinearProbeOptions, LinearProbeReport, linear_probe};
 pub use prototypes::{Head, PrototypeSource, Prototypes};
+pub use report::{PrototypeReport, prototype_report};
 pub use unique::{UniqueAnalysis, UniqueCount, UniqueOptions, UniqueReport, analyze_unique};
 pub use usage::{Assignment, Grouping, UsageAccumulator, UsageReport};

@@ -198,3 +198,52 @@ pub(crate) fn accuracy(logits: &Tensor, labels: &Tensor) -> Result<(f64, f64)> {
         top5 as f64 * 100.0 / n as f64,
     ))
 }
+
+/// Probes trained with several learning rates (pitfall 15: the best lr depends on the
+/// checkpoint; iBOT trains one classifier per lr and keeps the best).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinearSweepReport {
+    pub best_lr: f64,
+    pub best_top1: f64,
+    pub runs: Vec<LinearProbeReport>,
+}
+
+/// [`linear_probe`] once per learning rate of `lrs` (other options from `base`); the report
+/// names the lr with the best validation top-1 (the first on ties).
+pub fn linear_probe_sweep(
+    train_features: &Tensor,
+    train_labels: &Tensor,
+    val_features: &Tensor,
+    val_labels: &Tensor,
+    lrs: &[f64],
+    base: &LinearProbeOptions,
+) -> Result<LinearSweepReport> {
+    if lrs.is_empty() {
+        return Err(AnalysisError::invalid(
+            "lrs",
+            "the learning-rate list is empty",
+        ));
+    }
+    let mut runs = Vec::with_capacity(lrs.len());
+    let (mut best_lr, mut best_top1) = (lrs[0], f64::NEG_INFINITY);
+    for &lr in lrs {
+        let opts = LinearProbeOptions { lr, ..base.clone() };
+        let r = linear_probe(
+            train_features,
+            train_labels,
+            val_features,
+            val_labels,
+            &opts,
+        )?;
+        if r.best_top1 > best_top1 {
+            best_top1 = r.best_top1;
+            best_lr = lr;
+        }
+        runs.push(r);
+    }
+    Ok(LinearSweepReport {
+        best_lr,
+        best_top1,
+        runs,
+    })
+}

@@ -9,7 +9,7 @@ use protodino_analysis::fewshot::{
     FewShotOptions, Labelled, fewshot_eval, fewshot_run, fewshot_subset, fit_logistic,
 };
 use protodino_analysis::lbfgs::LbfgsOptions;
-use protodino_analysis::linear::{LinearProbeOptions, cosine_lr, linear_probe};
+use protodino_analysis::linear::{LinearProbeOptions, cosine_lr, linear_probe, linear_probe_sweep};
 use support::*;
 use tch::{Kind, Tensor};
 
@@ -64,6 +64,20 @@ fn linear_probe_learns_a_separable_problem() {
     )
     .unwrap();
     assert!(weak.best_top1 < 90.0, "{weak:?}");
+}
+
+#[test]
+fn lr_sweep_picks_the_learning_rate_that_learns() {
+    let (x, y) = blobs(150, 3, 8, 0.3, 5);
+    let (xv, yv) = blobs(60, 3, 8, 0.3, 6);
+    let base = LinearProbeOptions {
+        epochs: 5,
+        ..Default::default()
+    };
+    let r = linear_probe_sweep(&x, &y, &xv, &yv, &[1e-7, 0.05], &base).unwrap();
+    assert_eq!(r.runs.len(), 2);
+    assert_eq!(r.best_lr, 0.05, "{r:?}");
+    assert_eq!(r.best_top1, r.runs[1].best_top1);
 }
 
 #[test]

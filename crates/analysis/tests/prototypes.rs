@@ -1,8 +1,10 @@
 //! Reading prototype layers from real safetensors files with the naming variants of
 //! ALGORITHM.md §3.3, and the effective-prototype formula.
 
+use protodino_analysis::knn::KnnOptions;
 use protodino_analysis::unique::{UniqueOptions, analyze_unique};
-use protodino_analysis::{AnalysisError, Head, Prototypes};
+use protodino_analysis::{AnalysisError, Head, PrototypeReport, Prototypes, prototype_report};
+use protodino_config::TrainConfig;
 use tch::{Kind, Tensor};
 
 fn write(dir: &tempfile::TempDir, name: &str, tensors: &[(&str, &Tensor)]) -> std::path::PathBuf {
@@ -124,4 +126,43 @@ fn missing_head_and_unreadable_file_are_errors() {
         Prototypes::load(&path, Head::Teacher),
         Err(AnalysisError::Shape(_))
     ));
+}
+
+#[test]
+fn cli_report_json_and_text() {
+    let dir = tempfile::tempdir().unwrap();
+    // Four prototypes, two of them identical: 3 unique at every ε.
+    let v = Tensor::from_slice(&[
+        1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0,
+    ])
+    .reshape([4, 3]);
+    let path = write(
+        &dir,
+        "ckpt.safetensors",
+        &[("module.teacher.head.last_layer.weight_v", &v)],
+    );
+    let cfg = TrainConfig::defaults().unwrap();
+    let opts = UniqueOptions::from_config(&cfg);
+    assert_eq!(opts.eps, cfg.eval.unique_eps);
+    assert_eq!(opts.block_rows, cfg.koleo.block_rows);
+    let r = prototype_report(&path, Head::Teacher, &opts).unwrap();
+    assert!(
+        r.unique
+            .counts
+            .iter()
+            .all(|c| c.greedy == 3 && c.connected_components == 3)
+    );
+    let json = serde_json::to_string(&r).unwrap();
+    let back: PrototypeReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, r);
+    let text = r.to_string();
+    assert!(text.contains("teacher head"), "{text}");
+    assert!(text.contains("KoLeo-proto"), "{text}");
+    assert_eq!(r.unique.nn.min, 0.0);
+
+    let knn = KnnOptions::from_config(&cfg);
+    assert_eq!(knn.ks, vec![20, 10, 100, 200]);
+    assert_eq!(knn.temperature, 0.07);
+    assert_eq!(knn.clone().clamped_to(50).ks, vec![20, 10]);
+    assert_eq!(knn.clamped_to(5).ks, vec![5]);
 }
