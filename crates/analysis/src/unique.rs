@@ -17,9 +17,10 @@
 //! * A block whose largest similarity is below the loosest threshold has no edge and costs two
 //!   reductions beyond its GEMM (the common case of a healthy head). Otherwise the candidate
 //!   pairs are extracted sparsely and handed to the scan in row order.
-//! * f32 similarities carry a rounding error of at most `|Δs| ≤ γ₂₅₆ + 2u ≈ 1.55e-5` for unit
-//!   vectors in d ≤ 256 (so `|ΔD²| ≤ 3.1e-5`). A pair whose f32 `D²` lies within
-//!   [`REFINE_BAND`] of some `ε²` is decided with the exact f64 distance of the two rows, and
+//! * f32 similarities of unit vectors carry a rounding error of at most
+//!   `|Δs| ≤ γ_d + 2u ≈ (d + 2)·2⁻²⁴` (≈ 1.55e-5 for d = 256), so `|ΔD²| ≤ 2|Δs|`. A pair whose
+//!   f32 `D²` lies within [`refine_band`] of some `ε²` is decided with the exact f64 distance
+//!   of the two rows, and
 //!   only when the decision changes something (a union of two different components, or a
 //!   leader taking an unassigned row). Counts are therefore those of the f64 distances, even
 //!   at ε = 0.001 where the f32 GEMM alone could not resolve D.
@@ -44,9 +45,12 @@ pub const DEFAULT_EPS: [f64; 6] = [0.001, 0.01, 0.025, 0.05, 0.1, 0.2];
 /// Default rows per similarity block: 2048 × 65536 f32 = 512 MiB at the largest K.
 pub const DEFAULT_BLOCK_ROWS: i64 = 2048;
 
-/// Half-width of the band around `ε²` (on `D²`) inside which the f64 distance decides.
-/// Rigorous bound of the f32 error of `D²` for unit vectors with d ≤ 256 is 3.1e-5.
-pub const REFINE_BAND: f64 = 4e-5;
+/// Half-width of the band around `ε²` (on `D²`) inside which the f64 distance decides: twice
+/// the worst-case f32 error of a d-dimensional unit-vector dot product (`γ_d + 2u`), with a 10 %
+/// margin. 3.4e-5 for d = 256.
+pub fn refine_band(dim: i64) -> f64 {
+    2.0 * 1.1 * (dim + 2) as f64 * (f32::EPSILON as f64 / 2.0)
+}
 
 /// Largest number of similarity entries inspected at once when extracting candidate pairs.
 pub const EDGE_CHUNK: i64 = 1 << 23;
@@ -153,6 +157,7 @@ struct EpsState {
 /// The distance of one candidate pair, refined to f64 only when needed.
 struct PairDistance<'a> {
     d2_f32: f64,
+    band: f64,
     exact: Option<f64>,
     i: usize,
     j: usize,
@@ -164,7 +169,7 @@ struct PairDistance<'a> {
 impl PairDistance<'_> {
     /// Whether `D < ε`.
     fn below(&mut self, eps: f64, eps2: f64) -> bool {
-        if (self.d2_f32 - eps2).abs() > REFINE_BAND {
+        if (self.d2_f32 - eps2).abs() > self.band {
             return self.d2_f32 < eps2;
         }
         let d = match self.exact {
@@ -223,7 +228,8 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
 
     let eps_max = opts.eps.iter().cloned().fold(0.0, f64::max);
     // Loosest similarity threshold: every pair with exact D < ε_max has f32 s above it.
-    let s_lo = 1.0 - eps_max * eps_max / 2.0 - REFINE_BAND / 2.0;
+    let band = refine_band(dim);
+    let s_lo = 1.0 - eps_max * eps_max / 2.0 - band / 2.0;
     let mut states: Vec<EpsState> = opts
         .eps
         .iter()
@@ -316,6 +322,7 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
                 next += 1;
                 let mut dist = PairDistance {
                     d2_f32: (2.0 - 2.0 * s_ij as f64).max(0.0),
+                    band,
                     exact: None,
                     i,
                     j,
