@@ -223,6 +223,12 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
             .f_to_kind(Kind::Double)?,
     )?
     .f_contiguous()?;
+    if mu64.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+        return Err(AnalysisError::invalid(
+            "prototypes",
+            "contain NaN or infinite values (a diverged checkpoint?)",
+        ));
+    }
     let mu32 = mu64.f_to_kind(Kind::Float)?;
     let rows: Vec<f64> = Vec::<f64>::try_from(mu64.f_reshape([-1])?)?;
 

@@ -247,3 +247,20 @@ fn blockwise_equals_unblocked_and_brute_force() {
         }
     }
 }
+
+#[test]
+fn rejects_non_finite_and_degenerate_input() {
+    let mut rows = unit_rows(10, 8, 5);
+    let opts = UniqueOptions::default();
+    assert!(
+        analyze_unique(&to_tensor(&rows[..1]), &opts).is_err(),
+        "K = 1"
+    );
+    rows[3][2] = f64::NAN;
+    assert!(analyze_unique(&to_tensor(&rows), &opts).is_err());
+    let bad_eps = UniqueOptions {
+        eps: vec![0.0],
+        ..Default::default()
+    };
+    assert!(analyze_unique(&to_tensor(&unit_rows(10, 8, 5)), &bad_eps).is_err());
+}
