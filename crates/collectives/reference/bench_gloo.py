@@ -3,13 +3,15 @@ protodino-collectives-bench compares its TCP ring with (same sizes, same schedul
 
 Run with the reference virtualenv's python (torch 2.11.0):
     python crates/collectives/reference/bench_gloo.py --world 2 --min-bytes 1024 --max-bytes 268435456 --trials 3
-Prints one line per size: RESULT <bytes> <seconds per call, slowest rank>.
+Prints one line per size: RESULT <bytes> <seconds per call, slowest rank> <CPU seconds per call,
+all ranks summed (user + system, getrusage)>.
 Schedule (identical to the Rust benchmark): 2 warm-up calls, then --trials (3) timed runs, each a
 barrier and clamp(256 MiB / bytes, 3, 200) calls of an in-place f32 SUM; the fastest run counts.
 """
 
 import argparse
 import os
+import resource
 import socket
 import time
 
@@ -30,6 +32,11 @@ def sizes(lo, hi):
     return out
 
 
+def cpu_seconds():
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
 def worker(rank, world, port, lo, hi, trials):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -39,17 +46,20 @@ def worker(rank, world, port, lo, hi, trials):
         for _ in range(2):
             dist.all_reduce(t)
         iters = iterations(nbytes)
-        best = float("inf")
+        best = (float("inf"), 0.0)
         for _ in range(trials):
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpu_seconds()
             for _ in range(iters):
                 dist.all_reduce(t)
-            mine = torch.tensor([(time.perf_counter() - t0) / iters])
-            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-            best = min(best, mine.item())
+            wall = torch.tensor([(time.perf_counter() - t0) / iters])
+            cpu = torch.tensor([(cpu_seconds() - cpu0) / iters])
+            dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+            dist.all_reduce(cpu, op=dist.ReduceOp.SUM)
+            if wall.item() < best[0]:
+                best = (wall.item(), cpu.item())
         if rank == 0:
-            print(f"RESULT {nbytes} {best:e}", flush=True)
+            print(f"RESULT {nbytes} {best[0]:e} {best[1]:e}", flush=True)
     dist.destroy_process_group()
 
 

@@ -110,10 +110,11 @@ pub fn run<T: Element>(
     bounds: &[usize],
     steps: &[Step],
     chunk_bytes: usize,
+    sender_thread_min_bytes: Option<usize>,
     timeout: Duration,
     during: &'static str,
 ) -> Result<()> {
-    if std::mem::size_of_val(buf) >= DUPLEX_MIN_BYTES {
+    if sender_thread_min_bytes.is_some_and(|min| std::mem::size_of_val(buf) >= min) {
         crate::duplex::run(
             links,
             header,
@@ -137,10 +138,6 @@ pub fn run<T: Element>(
         )
     }
 }
-
-/// Buffers from this size on use the two-thread engine (`duplex.rs`); below it, the thread
-/// hand-offs cost more than the parallel copies gain.
-pub const DUPLEX_MIN_BYTES: usize = 1 << 20;
 
 /// The one-thread engine.
 #[allow(clippy::too_many_arguments)]

@@ -49,6 +49,12 @@ pub struct GroupOptions {
     pub bucket_bytes: usize,
     /// `SO_SNDBUF` / `SO_RCVBUF` requested for every connection (the kernel may clamp it).
     pub socket_buffer_bytes: usize,
+    /// Buffers of at least this many bytes use a sender thread (`duplex.rs`) so the outgoing and
+    /// incoming kernel copies run on two cores; `None` (default) keeps every operation on the
+    /// calling thread. Off by default because on the shared 2-core build machine it measured no
+    /// faster than the one-thread loop and costs more CPU below ~8 MiB (thread hand-offs); worth
+    /// trying on idle many-core hosts (`protodino-collectives-bench --sender-thread-min-bytes`).
+    pub sender_thread_min_bytes: Option<usize>,
 }
 
 impl Default for GroupOptions {
@@ -59,6 +65,7 @@ impl Default for GroupOptions {
             chunk_bytes: 256 << 10,
             bucket_bytes: 25 << 20,
             socket_buffer_bytes: 4 << 20,
+            sender_thread_min_bytes: None,
         }
     }
 }

@@ -112,6 +112,24 @@ impl RingGroup {
         Ok(group)
     }
 
+    /// The trivial group of one (no sockets, no listener): every operation is local.
+    pub fn solo(options: GroupOptions) -> Self {
+        Self {
+            rank: 0,
+            world: 1,
+            options,
+            links: None,
+            seq: 0,
+            poisoned: false,
+        }
+    }
+
+    /// Changes the progress deadline for the following operations, e.g. widened around a phase
+    /// where ranks are known to arrive far apart (loading a checkpoint before the broadcast).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.options.timeout = timeout;
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -252,8 +270,11 @@ impl RingGroup {
         during: &'static str,
     ) -> Result<()> {
         let (chunk, timeout) = (self.options.chunk_bytes, self.options.timeout);
+        let threaded = self.options.sender_thread_min_bytes;
         let result = match self.links.as_mut() {
-            Some(links) => engine::run(links, header, buf, bounds, steps, chunk, timeout, during),
+            Some(links) => engine::run(
+                links, header, buf, bounds, steps, chunk, threaded, timeout, during,
+            ),
             None => Err(CollectiveError::Poisoned),
         };
         result.map_err(|e| self.fail(e))

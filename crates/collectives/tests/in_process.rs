@@ -229,3 +229,15 @@ fn broadcast_source_failure_fails_everyone() {
         assert!(*took < std::time::Duration::from_secs(2), "{took:?}");
     }
 }
+
+#[test]
+fn solo_group_is_local() {
+    let mut g = RingGroup::solo(opts());
+    let mut v = vec![1.5f32, 2.0];
+    g.all_reduce(&mut v, ReduceOp::Average).unwrap();
+    g.barrier().unwrap();
+    let mut out = vec![0.0f32; 2];
+    g.all_gather(&v, &mut out).unwrap();
+    g.broadcast(0, &mut v).unwrap();
+    assert_eq!((v, out), (vec![1.5, 2.0], vec![1.5, 2.0]));
+}

@@ -5,7 +5,8 @@
 //! protodino-collectives-bench [--worlds 2,4] [--min-bytes 1024] [--max-bytes 268435456]
 //!                             [--python PY --gloo-script crates/collectives/reference/bench_gloo.py]
 //! ```
-//! Without `--python` only the ring is measured. Bus bandwidth follows nccl-tests:
+//! Without `--python` only the ring is measured. "cpu" columns: user + system CPU milliseconds per
+//! call summed over all ranks (`getrusage`), the cost that matters when ranks share cores. Bus bandwidth follows nccl-tests:
 //! `busbw = bytes / time × 2 (W − 1) / W`, time being the slowest rank's mean per call, f32 sums,
 //! sizes doubling from `--min-bytes` to `--max-bytes`: 2 warm-up calls, then `--trials` (3) timed
 //! runs of `clamp(256 MiB / bytes, 3, 200)` calls each, the fastest run counting (the gloo script
@@ -31,6 +32,7 @@ struct Args {
     /// Ring tuning (defaults: [`GroupOptions::default`]).
     chunk_bytes: usize,
     socket_buffer_bytes: usize,
+    sender_thread_min_bytes: Option<usize>,
     /// Timed trials per size; the fastest counts (the machine is shared, so slower trials
     /// measure the neighbours). Same rule in the gloo script.
     trials: usize,
@@ -47,6 +49,7 @@ fn parse_args() -> anyhow::Result<Args> {
         chunk_bytes: GroupOptions::default().chunk_bytes,
         socket_buffer_bytes: GroupOptions::default().socket_buffer_bytes,
         trials: 3,
+        sender_thread_min_bytes: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -66,6 +69,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--max-bytes" => a.max_bytes = v.parse()?,
             "--python" => a.python = Some(v.clone()),
             "--gloo-script" => a.gloo_script = v.clone(),
+            "--sender-thread-min-bytes" => a.sender_thread_min_bytes = Some(v.parse()?),
             "--trials" => a.trials = v.parse::<usize>()?.max(1),
             "--chunk-bytes" => a.chunk_bytes = v.parse()?,
             "--socket-buffer-bytes" => a.socket_buffer_bytes = v.parse()?,
@@ -93,11 +97,12 @@ fn iterations(bytes: usize) -> usize {
     ((256usize << 20) / bytes).clamp(3, 200)
 }
 
-/// One rank: rendezvous over stdin/stdout, then time every size; rank 0 prints `RESULT`.
+/// One rank: rendezvous over stdin/stdout, then time every size; rank 0 prints `RESULT` lines.
 fn worker(args: &Args) -> anyhow::Result<()> {
     let options = GroupOptions {
         chunk_bytes: args.chunk_bytes,
         socket_buffer_bytes: args.socket_buffer_bytes,
+        sender_thread_min_bytes: args.sender_thread_min_bytes,
         ..GroupOptions::default()
     };
     let listener = bind_listener("127.0.0.1:0", &options)?;
@@ -123,20 +128,27 @@ fn worker(args: &Args) -> anyhow::Result<()> {
             group.all_reduce(slice, ReduceOp::Sum)?;
         }
         let iters = iterations(bytes);
-        let mut best = f32::INFINITY;
+        // (slowest rank's seconds per call, all ranks' CPU seconds per call) of the fastest trial
+        let mut best = (f32::INFINITY, 0.0f32);
         for _ in 0..args.trials {
             group.barrier()?;
-            let t0 = Instant::now();
+            let (t0, cpu0) = (Instant::now(), cpu_seconds());
             for _ in 0..iters {
                 group.all_reduce(slice, ReduceOp::Sum)?;
             }
-            let mine = [t0.elapsed().as_secs_f32() / iters as f32];
-            let mut all = vec![0.0f32; spec.world];
+            let mine = [
+                t0.elapsed().as_secs_f32() / iters as f32,
+                (cpu_seconds() - cpu0) as f32 / iters as f32,
+            ];
+            let mut all = vec![0.0f32; 2 * spec.world];
             group.all_gather(&mine, &mut all)?;
-            best = best.min(all.iter().cloned().fold(0.0f32, f32::max));
+            let slowest = all.chunks(2).map(|c| c[0]).fold(0.0f32, f32::max);
+            if slowest < best.0 {
+                best = (slowest, all.chunks(2).map(|c| c[1]).sum());
+            }
         }
         if spec.rank == 0 {
-            println!("RESULT {bytes} {best:e}");
+            println!("RESULT {bytes} {:e} {:e}", best.0, best.1);
             std::io::stdout().flush()?;
         }
     }
@@ -144,7 +156,7 @@ fn worker(args: &Args) -> anyhow::Result<()> {
 }
 
 /// Runs the ring at `world` and returns seconds per call by size.
-fn run_ring(args: &Args, world: usize) -> anyhow::Result<BTreeMap<usize, f64>> {
+fn run_ring(args: &Args, world: usize) -> anyhow::Result<BTreeMap<usize, (f64, f64)>> {
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     let mut addrs = Vec::new();
@@ -163,6 +175,12 @@ fn run_ring(args: &Args, world: usize) -> anyhow::Result<BTreeMap<usize, f64>> {
                 &args.socket_buffer_bytes.to_string(),
             ])
             .args(["--trials", &args.trials.to_string()])
+            .args(
+                args.sender_thread_min_bytes
+                    .map(|b| ["--sender-thread-min-bytes".to_string(), b.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
@@ -184,16 +202,9 @@ fn run_ring(args: &Args, world: usize) -> anyhow::Result<BTreeMap<usize, f64>> {
             "GROUP {rank} {world} {list}"
         )?;
     }
-    let mut results = BTreeMap::new();
-    for line in (&mut children[0].1).lines() {
-        let line = line?;
-        if let Some(rest) = line.strip_prefix("RESULT ") {
-            let mut it = rest.split_whitespace();
-            let bytes: usize = it.next().context("bytes")?.parse()?;
-            let secs: f64 = it.next().context("secs")?.parse()?;
-            results.insert(bytes, secs);
-        }
-    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut children[0].1, &mut text)?;
+    let results = parse_results(&text)?;
     for (mut child, _) in children {
         if !child.wait()?.success() {
             bail!("a ring worker failed");
@@ -203,7 +214,11 @@ fn run_ring(args: &Args, world: usize) -> anyhow::Result<BTreeMap<usize, f64>> {
 }
 
 /// Runs the gloo script at `world`; it prints `RESULT <bytes> <seconds>` lines too.
-fn run_gloo(args: &Args, python: &str, world: usize) -> anyhow::Result<BTreeMap<usize, f64>> {
+fn run_gloo(
+    args: &Args,
+    python: &str,
+    world: usize,
+) -> anyhow::Result<BTreeMap<usize, (f64, f64)>> {
     let out = Command::new(python)
         .args([&args.gloo_script, "--world", &world.to_string()])
         .args([
@@ -219,13 +234,27 @@ fn run_gloo(args: &Args, python: &str, world: usize) -> anyhow::Result<BTreeMap<
     if !out.status.success() {
         bail!("gloo benchmark failed: {}", out.status);
     }
+    parse_results(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// `RESULT <bytes> <seconds per call> <CPU seconds per call, all ranks>` lines of a run.
+fn parse_results(text: &str) -> anyhow::Result<BTreeMap<usize, (f64, f64)>> {
     let mut results = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in text.lines() {
         if let Some(rest) = line.strip_prefix("RESULT ") {
             let mut it = rest.split_whitespace();
             let bytes: usize = it.next().context("bytes")?.parse()?;
             let secs: f64 = it.next().context("secs")?.parse()?;
-            results.insert(bytes, secs);
+            let cpu: f64 = it.next().context("cpu")?.parse()?;
+            results.insert(bytes, (secs, cpu));
         }
     }
     Ok(results)
@@ -258,32 +287,39 @@ fn main() -> anyhow::Result<()> {
             "\nall-reduce f32 sum, world {world}, loopback, bus bandwidth GB/s (nccl-tests formula)"
         );
         println!(
-            "{:>9} | {:>10} | {:>10} | {:>10} | {:>10} | {:>6}",
-            "size", "ring us", "ring busbw", "gloo us", "gloo busbw", "ratio"
+            "{:>9} | {:>10} | {:>10} | {:>8} | {:>10} | {:>10} | {:>8} | {:>6}",
+            "size",
+            "ring us",
+            "ring busbw",
+            "ring cpu",
+            "gloo us",
+            "gloo busbw",
+            "gloo cpu",
+            "ratio"
         );
-        for (&bytes, &secs) in &ring {
+        for (&bytes, &(secs, cpu)) in &ring {
             let ours = busbw_gbs(bytes, secs, world);
+            let row = format!(
+                "{:>9} | {:>10.1} | {:>10.3} | {:>8.2}",
+                human(bytes),
+                secs * 1e6,
+                ours,
+                cpu * 1e3
+            );
             match gloo.as_ref().and_then(|g| g.get(&bytes)) {
-                Some(&g) => {
+                Some(&(g, gcpu)) => {
                     let theirs = busbw_gbs(bytes, g, world);
                     println!(
-                        "{:>9} | {:>10.1} | {:>10.3} | {:>10.1} | {:>10.3} | {:>6.2}",
-                        human(bytes),
-                        secs * 1e6,
-                        ours,
+                        "{row} | {:>10.1} | {:>10.3} | {:>8.2} | {:>6.2}",
                         g * 1e6,
                         theirs,
+                        gcpu * 1e3,
                         ours / theirs
                     );
                 }
                 None => println!(
-                    "{:>9} | {:>10.1} | {:>10.3} | {:>10} | {:>10} | {:>6}",
-                    human(bytes),
-                    secs * 1e6,
-                    ours,
-                    "-",
-                    "-",
-                    "-"
+                    "{row} | {:>10} | {:>10} | {:>8} | {:>6}",
+                    "-", "-", "-", "-"
                 ),
             }
         }
