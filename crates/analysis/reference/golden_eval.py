@@ -1,15 +1,21 @@
-"""Golden values for protodino-analysis: DINO weighted k-NN and MSN-style logistic regression.
+"""Golden values for protodino-analysis: DINO weighted k-NN, the linear probe (torch.optim.SGD +
+CosineAnnealingLR) and MSN-style logistic regression.
 
 Written from ALGORITHM.md §4.1 and §4.3 (no code copied). Run with the reference virtualenv's
 python (torch, numpy, scikit-learn, safetensors), from the repository root:
 
     python crates/analysis/reference/golden_eval.py crates/analysis/tests/fixtures
 
-It writes `knn_golden.safetensors` + `knn_golden.json` and `logreg_golden.safetensors` +
-`logreg_golden.json` into the given directory (a few tens of KB in total).
+It writes `knn_golden.*`, `linear_golden.*` and `logreg_golden.*` (safetensors + JSON) into
+the given directory (a few tens of KB in total).
+
+The linear probe draws its initial weights and its per-epoch shuffles from the same SplitMix64
+streams as the Rust side (`src/rng.rs`, re-implemented below), so the whole trajectory can be
+compared; everything else is plain PyTorch.
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -46,6 +52,88 @@ def knn_dino(train_f, train_y, test_f, test_y, k, T, num_classes, num_chunks=100
     return top1 * 100.0 / n, top5 * 100.0 / n
 
 
+M64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+class SplitMix64:
+    """SplitMix64 exactly as crates/analysis/src/rng.rs."""
+
+    def __init__(self, seed):
+        self.state = seed & M64
+
+    @classmethod
+    def derive(cls, seed, words):
+        s = cls(seed)
+        state = s.next_u64()
+        for w in words:
+            state = cls(state ^ ((w * GOLDEN) & M64)).next_u64()
+        s.state = state
+        return s
+
+    def next_u64(self):
+        self.state = (self.state + GOLDEN) & M64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        return z ^ (z >> 31)
+
+    def next_f64(self):
+        return (self.next_u64() >> 11) * (1.0 / (1 << 53))
+
+    def below(self, n):
+        threshold = ((-n) & M64) % n
+        while True:
+            m = self.next_u64() * n
+            if (m & M64) >= threshold:
+                return m >> 64
+
+    def normal(self):
+        u1 = 1.0 - self.next_f64()
+        u2 = self.next_f64()
+        return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+
+    def permutation(self, n):
+        p = list(range(n))
+        for i in range(n - 1, 0, -1):
+            j = self.below(i + 1)
+            p[i], p[j] = p[j], p[i]
+        return p
+
+
+def linear_probe(x, y, xv, yv, epochs, lr, batch, seed):
+    """DINO eval_linear's classifier and optimiser on fixed features."""
+    n, d = x.shape
+    c = int(max(y.max(), yv.max())) + 1
+    init = SplitMix64.derive(seed, [0x117EA2])
+    w = torch.tensor([init.normal() * 0.01 for _ in range(c * d)], dtype=torch.float64)
+    lin = torch.nn.Linear(d, c)
+    with torch.no_grad():
+        lin.weight.copy_(w.float().view(c, d))
+        lin.bias.zero_()
+    opt = torch.optim.SGD(lin.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, eta_min=0)
+    out = []
+    for epoch in range(epochs):
+        order = torch.tensor(SplitMix64.derive(seed, [1, epoch]).permutation(n))
+        loss_sum = 0.0
+        for s in range(0, n, batch):
+            idx = order[s : s + batch]
+            loss = torch.nn.functional.cross_entropy(lin(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+        sched.step()
+        with torch.no_grad():
+            top = lin(xv).topk(min(5, c), dim=1).indices
+            correct = top.eq(yv.view(-1, 1))
+            top1 = correct[:, :1].sum().item() * 100.0 / len(yv)
+            top5 = correct.sum().item() * 100.0 / len(yv)
+        out.append({"epoch": epoch, "train_loss": loss_sum / n, "val_top1": top1, "val_top5": top5})
+    return out
+
+
 def main(out_dir):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,6 +157,21 @@ def main(out_dir):
     )
     (out / "knn_golden.json").write_text(
         json.dumps({"temperature": 0.07, "num_chunks": 100, "results": results}, indent=1))
+
+    # Linear probe: 3 overlapping classes in 6-d, batches of 32 over 120 samples (a partial batch).
+    lg = torch.Generator().manual_seed(99)
+    lmeans = 1.5 * torch.randn(3, 6, generator=lg)
+    ly = torch.randint(0, 3, (120,), generator=lg)
+    lyv = torch.randint(0, 3, (45,), generator=lg)
+    lx = lmeans[ly] + torch.randn(120, 6, generator=lg)
+    lxv = lmeans[lyv] + torch.randn(45, 6, generator=lg)
+    lin_cfg = {"epochs": 8, "lr": 0.05, "batch": 32, "seed": 5}
+    epochs = linear_probe(lx, ly, lxv, lyv, **lin_cfg)
+    save_file(
+        {"train_features": lx, "train_labels": ly, "val_features": lxv, "val_labels": lyv},
+        str(out / "linear_golden.safetensors"),
+    )
+    (out / "linear_golden.json").write_text(json.dumps({**lin_cfg, "epochs_log": epochs}, indent=1))
 
     # Logistic regression: cyanure preprocessing, sklearn multinomial with C = 1/lambd.
     rng = np.random.default_rng(7)

@@ -80,6 +80,50 @@ fn lr_sweep_picks_the_learning_rate_that_learns() {
     assert_eq!(r.best_top1, r.runs[1].best_top1);
 }
 
+/// The whole SGD trajectory against torch.optim.SGD + CosineAnnealingLR (same init and shuffles,
+/// drawn from the same SplitMix64 streams by the Python reference).
+#[test]
+fn linear_probe_matches_pytorch_trajectory() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let tensors = Tensor::read_safetensors(dir.join("linear_golden.safetensors")).unwrap();
+    let get = |name: &str| {
+        tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.shallow_clone())
+            .unwrap()
+    };
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("linear_golden.json")).unwrap())
+            .unwrap();
+    let opts = LinearProbeOptions {
+        epochs: golden["epochs"].as_i64().unwrap(),
+        lr: golden["lr"].as_f64().unwrap(),
+        batch_size: golden["batch"].as_i64().unwrap(),
+        momentum: 0.9,
+        seed: golden["seed"].as_u64().unwrap(),
+    };
+    let r = linear_probe(
+        &get("train_features"),
+        &get("train_labels"),
+        &get("val_features"),
+        &get("val_labels"),
+        &opts,
+    )
+    .unwrap();
+    let expect = golden["epochs_log"].as_array().unwrap();
+    assert_eq!(r.epochs.len(), expect.len());
+    let mut worst = 0.0f64;
+    for (got, e) in r.epochs.iter().zip(expect) {
+        let loss = e["train_loss"].as_f64().unwrap();
+        worst = worst.max((got.train_loss - loss).abs() / loss);
+        assert!((got.val_top1 - e["val_top1"].as_f64().unwrap()).abs() < 1e-9);
+        assert!((got.val_top5 - e["val_top5"].as_f64().unwrap()).abs() < 1e-9);
+    }
+    eprintln!("linear probe vs PyTorch: worst relative train-loss error {worst:e}");
+    assert!(worst < 1e-5, "worst relative train-loss error {worst}");
+}
+
 #[test]
 fn cosine_schedule_reaches_zero() {
     assert_eq!(cosine_lr(0.1, 0, 100), 0.1);
