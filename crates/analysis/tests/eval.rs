@@ -163,6 +163,7 @@ fn logistic_regression_matches_scikit_learn() {
     let coef = get("coef");
     let err = (&model.weight - &coef).abs().max().double_value(&[]);
     let scale = coef.abs().max().double_value(&[]);
+    eprintln!("logistic regression vs scikit-learn: max |ΔW| = {err:e} (max |W| = {scale})");
     assert!(
         err < 1e-6 * scale,
         "max |W − W_sklearn| = {err} (scale {scale})"
