@@ -192,6 +192,12 @@ impl UsageAccumulator {
         let x = batch
             .f_to_device(tch::Device::Cpu)?
             .f_to_kind(Kind::Float)?;
+        if x.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            return Err(AnalysisError::invalid(
+                "batch",
+                "contains NaN or infinite logits/probabilities",
+            ));
+        }
         let (p, sample_entropy) = match &self.assignment {
             Assignment::Probabilities => {
                 let h = x.f_special_xlogy(&x)?.f_sum_dim_intlist(

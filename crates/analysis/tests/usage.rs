@@ -116,8 +116,11 @@ fn rejects_bad_shapes() {
         )
         .is_err()
     );
+    let nan = Tensor::full([2, 4], f64::NAN, tch::kind::FLOAT_CPU);
+    assert!(acc.update(&nan).is_err());
     acc.update(&Tensor::full([2, 4], 0.25, tch::kind::FLOAT_CPU))
         .unwrap();
+    assert_eq!(acc.n_samples(), 2);
     let short = [0i64, 1];
     assert!(
         acc.finish(Some(Grouping {
