@@ -113,6 +113,8 @@ pub struct NcclGroup {
     world: usize,
     timeout: Duration,
     poisoned: bool,
+    /// Runtime NCCL version code (`major * 10000 + minor * 100 + patch`).
+    version: i32,
     /// One f32 on the device for [`NcclGroup::barrier`].
     scratch: cu::CUdeviceptr,
 }
@@ -176,6 +178,7 @@ impl NcclGroup {
             world,
             timeout,
             poisoned: false,
+            version,
             scratch: 0,
         };
         group.wait_comm("ncclCommInitRankConfig")?;
@@ -255,6 +258,22 @@ impl NcclGroup {
         }
     }
 
+    /// Runtime NCCL version code (e.g. 22703 for 2.27.3).
+    pub fn nccl_version(&self) -> i32 {
+        self.version
+    }
+
+    /// bf16 reductions exist from NCCL 2.24 on.
+    fn supports(&self, dtype: NcclDType) -> Result<()> {
+        if dtype == NcclDType::Bf16 && self.version < 22400 {
+            return Err(CollectiveError::Unavailable(format!(
+                "bf16 needs NCCL >= 2.24, found {}",
+                self.version
+            )));
+        }
+        Ok(())
+    }
+
     /// Enqueues an in-place all-reduce of `count` elements at device pointer `ptr` on `stream`.
     /// Call [`NcclGroup::synchronize`] (or a later synchronising call) to learn of failures.
     ///
@@ -270,6 +289,7 @@ impl NcclGroup {
         stream: *mut c_void,
     ) -> Result<()> {
         self.usable()?;
+        self.supports(dtype)?;
         let redop = match op {
             ReduceOp::Sum => ncclsys::ncclRedOp_t::ncclSum,
             ReduceOp::Average => ncclsys::ncclRedOp_t::ncclAvg,
@@ -294,6 +314,7 @@ impl NcclGroup {
         stream: *mut c_void,
     ) -> Result<()> {
         self.usable()?;
+        self.supports(dtype)?;
         if root >= self.world {
             return Err(CollectiveError::InvalidArgument(format!(
                 "root {root} >= world {}",
@@ -329,6 +350,7 @@ impl NcclGroup {
         stream: *mut c_void,
     ) -> Result<()> {
         self.usable()?;
+        self.supports(dtype)?;
         // SAFETY: the caller's contract.
         let rc = unsafe {
             nccl::all_gather(
