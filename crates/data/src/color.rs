@@ -28,15 +28,21 @@ fn blend(degenerate: u8, v: u8, alpha: f32) -> u8 {
     }
 }
 
+/// Apply `blend(degenerate, v, alpha)` through a 256-entry table (exact: the blend of a
+/// fixed degenerate value depends on `v` only).
+fn blend_lut(px: &mut [u8], degenerate: u8, alpha: f32) {
+    let lut: [u8; 256] = std::array::from_fn(|v| blend(degenerate, v as u8, alpha));
+    for v in px.iter_mut() {
+        *v = lut[*v as usize];
+    }
+}
+
 /// `ImageEnhance.Brightness(img).enhance(f)`: blend with black.
 pub fn adjust_brightness(px: &mut [u8], factor: f64) {
     if factor == 1.0 {
         return; // Image.blend copies im2 for alpha == 1
     }
-    let a = factor as f32;
-    for v in px.iter_mut() {
-        *v = blend(0, *v, a);
-    }
+    blend_lut(px, 0, factor as f32);
 }
 
 /// `ImageEnhance.Contrast(img).enhance(f)`: blend with the mean-luma grey image.
@@ -50,10 +56,7 @@ pub fn adjust_contrast(px: &mut [u8], factor: f64) {
         .map(|p| luma(p[0], p[1], p[2]) as u64)
         .sum();
     let mean = (sum as f64 / n + 0.5) as i64 as u8;
-    let a = factor as f32;
-    for v in px.iter_mut() {
-        *v = blend(mean, *v, a);
-    }
+    blend_lut(px, mean, factor as f32);
 }
 
 /// `ImageEnhance.Color(img).enhance(f)`: blend with the per-pixel luma.
@@ -70,55 +73,113 @@ pub fn adjust_saturation(px: &mut [u8], factor: f64) {
     }
 }
 
-/// Pillow `rgb2hsv` (8-bit H, S, V).
+/// `(int)x` of C for a finite `x ≥ 0` (truncation = floor), without a libm call.
 #[inline]
-fn rgb2hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
+fn floor_pos(x: f64) -> i32 {
+    x as i32
+}
+
+/// C `round(x)` (half away from zero) for finite `x ≥ 0`, exact: `x − trunc(x)` is exactly
+/// representable, so comparing it with 0.5 decides like `round` does.
+#[inline]
+fn round_pos(x: f64) -> i32 {
+    let i = x as i32;
+    if x - i as f64 >= 0.5 { i + 1 } else { i }
+}
+
+/// Exact lookup tables for the HSV round trip: every float division Pillow performs on 8-bit
+/// operands is tabulated once (the table entry *is* the IEEE quotient), so the per-pixel work
+/// is a few loads, one double division and three roundings.
+struct HsvTables {
+    /// `quot[cr][a] = a as f32 / cr as f32` (Pillow's `rc`, `gc`, `bc`).
+    quot: Vec<f32>,
+    /// `sat[maxc][cr] = (int)((double)(cr as f32 / maxc as f32) * 255.0)`.
+    sat: Vec<u8>,
+    /// `hsv2rgb`: sector `i` and fraction `f` per 8-bit hue.
+    sector: [(i32, f32); 256],
+    /// `hsv2rgb`: `fs` per 8-bit saturation.
+    fs: [f32; 256],
+}
+
+fn tables() -> &'static HsvTables {
+    static T: std::sync::OnceLock<HsvTables> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut quot = vec![0f32; 256 * 256];
+        let mut sat = vec![0u8; 256 * 256];
+        for cr in 1..256usize {
+            for a in 0..256usize {
+                quot[cr * 256 + a] = a as f32 / cr as f32;
+            }
+        }
+        for maxc in 1..256usize {
+            for cr in 0..=maxc {
+                let s = cr as f32 / maxc as f32;
+                sat[maxc * 256 + cr] = floor_pos(s as f64 * 255.0).clamp(0, 255) as u8;
+            }
+        }
+        let sector = std::array::from_fn(|h| {
+            let hf = h as f32 as f64 * 6.0 / 255.0;
+            let i = floor_pos(hf);
+            (i, (hf - i as f64) as f32)
+        });
+        let fs = std::array::from_fn(|s| (s as f32 as f64 / 255.0) as f32);
+        HsvTables {
+            quot,
+            sat,
+            sector,
+            fs,
+        }
+    })
+}
+
+/// Pillow `rgb2hsv` (8-bit H, S, V). Same float/double operations as the C code; the
+/// rewrites are exact: divisions of 8-bit operands come from [`HsvTables`], `fmod(x, 1.0)`
+/// for `x ∈ [0, 2)` is `x` or `x − 1` (Sterbenz), and the quotient the branch does not read
+/// is not looked up.
+#[inline]
+fn rgb2hsv(t: &HsvTables, r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let maxc = r.max(g).max(b);
     let minc = r.min(g).min(b);
     if maxc == minc {
         return (0, 0, maxc);
     }
-    let cr = (maxc - minc) as f32;
-    let s = cr / maxc as f32;
-    let rc = (maxc - r) as f32 / cr;
-    let gc = (maxc - g) as f32 / cr;
-    let bc = (maxc - b) as f32 / cr;
+    let cr = (maxc - minc) as usize;
+    let row = &t.quot[cr * 256..cr * 256 + 256];
+    let q = |x: u8| row[(maxc - x) as usize];
     // `2.0 + rc - bc` is evaluated in double in C (2.0 is a double literal), then stored in a
     // float.
     let h: f32 = if r == maxc {
-        bc - gc
+        q(b) - q(g)
     } else if g == maxc {
-        (2.0 + rc as f64 - bc as f64) as f32
+        (2.0 + q(r) as f64 - q(b) as f64) as f32
     } else {
-        (4.0 + gc as f64 - rc as f64) as f32
+        (4.0 + q(g) as f64 - q(r) as f64) as f32
     };
-    let h = ((h as f64 / 6.0 + 1.0) % 1.0) as f32; // stored in a C float
-    let uh = ((h as f64 * 255.0) as i32).clamp(0, 255) as u8;
-    let us = ((s as f64 * 255.0) as i32).clamp(0, 255) as u8;
-    (uh, us, maxc)
+    let x = h as f64 / 6.0 + 1.0;
+    let h = (if x >= 1.0 { x - 1.0 } else { x }) as f32; // fmod(x, 1.0), stored in a float
+    let uh = floor_pos(h as f64 * 255.0).clamp(0, 255) as u8;
+    (uh, t.sat[maxc as usize * 256 + cr], maxc)
 }
 
 /// Pillow `hsv2rgb`.
 #[inline]
-fn hsv2rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
+fn hsv2rgb(t: &HsvTables, h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     if s == 0 {
         return (v, v, v);
     }
-    let hf = h as f32 as f64 * 6.0 / 255.0;
-    let i = hf.floor() as i32;
-    let f = (hf - i as f64) as f32;
-    let fs = (s as f32 as f64 / 255.0) as f32;
+    let (i, f) = t.sector[h as usize];
+    let fs = t.fs[s as usize];
     let vf = v as f32 as f64;
-    let c = |x: f64| x.round().clamp(0.0, 255.0) as u8;
+    let c = |x: f64| round_pos(x).clamp(0, 255) as u8;
     let p = c(vf * (1.0 - fs as f64));
     let q = c(vf * (1.0 - (fs * f) as f64));
-    let t = c(vf * (1.0 - fs as f64 * (1.0 - f as f64)));
+    let tt = c(vf * (1.0 - fs as f64 * (1.0 - f as f64)));
     match i % 6 {
-        0 => (v, t, p),
+        0 => (v, tt, p),
         1 => (q, v, p),
-        2 => (p, v, t),
+        2 => (p, v, tt),
         3 => (p, q, v),
-        4 => (t, p, v),
+        4 => (tt, p, v),
         _ => (v, p, q),
     }
 }
@@ -127,9 +188,10 @@ fn hsv2rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
 pub fn adjust_hue(px: &mut [u8], hue_factor: f64) {
     // np.int8(hue_factor * 255) truncates toward zero, then wraps as uint8.
     let shift = ((hue_factor * 255.0) as i32 as i8) as u8;
+    let t = tables();
     for p in px.chunks_exact_mut(3) {
-        let (h, s, v) = rgb2hsv(p[0], p[1], p[2]);
-        let (r, g, b) = hsv2rgb(h.wrapping_add(shift), s, v);
+        let (h, s, v) = rgb2hsv(t, p[0], p[1], p[2]);
+        let (r, g, b) = hsv2rgb(t, h.wrapping_add(shift), s, v);
         p[0] = r;
         p[1] = g;
         p[2] = b;
@@ -184,13 +246,14 @@ mod tests {
     #[test]
     fn hsv_round_trip_is_close() {
         // Pillow: (0, 85, 255) -> HSV (155, 255, 255) -> RGB (0, 90, 255).
-        assert_eq!(rgb2hsv(0, 85, 255), (155, 255, 255));
-        assert_eq!(hsv2rgb(155, 255, 255), (0, 90, 255));
+        let t = tables();
+        assert_eq!(rgb2hsv(t, 0, 85, 255), (155, 255, 255));
+        assert_eq!(hsv2rgb(t, 155, 255, 255), (0, 90, 255));
         for r in (0..=255u8).step_by(15) {
             for g in (0..=255u8).step_by(17) {
                 for b in (0..=255u8).step_by(51) {
-                    let (h, s, v) = rgb2hsv(r, g, b);
-                    let (r2, g2, b2) = hsv2rgb(h, s, v);
+                    let (h, s, v) = rgb2hsv(t, r, g, b);
+                    let (r2, g2, b2) = hsv2rgb(t, h, s, v);
                     // Pillow's 8-bit hue loses up to 6 levels on this grid (measured).
                     for (x, y) in [(r, r2), (g, g2), (b, b2)] {
                         assert!((x as i32 - y as i32).abs() <= 6, "{r},{g},{b}");
