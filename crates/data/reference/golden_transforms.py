@@ -8,6 +8,7 @@ Run with the reference virtualenv's python (torch 2.11.0, torchvision 0.26, Pill
 Writes into the given directory:
   * photo.png  - a 48x36 RGB patch of scikit-learn's sample photograph "china.jpg"
   * gray.png   - a 23x31 8-bit grey image (a smooth pattern plus noise, fixed seed)
+  * colors.png - 32x32 uniformly random RGB (fixed seed), for the colour operations
   * golden.json, golden.bin - one case per transform call: parameters, output shape and the
     byte offset of its 8-bit output (or float32 output for the normalisation case) in golden.bin.
 
@@ -37,8 +38,10 @@ def main(out_dir: Path) -> None:
     yy, xx = np.mgrid[0:31, 0:23]
     g = 128 + 90 * np.sin(xx / 3.0) * np.cos(yy / 5.0) + rng.normal(0, 12, (31, 23))
     gray = Image.fromarray(np.clip(g, 0, 255).astype(np.uint8), "L")
+    colors = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "RGB")
     photo.save(out_dir / "photo.png")
     gray.save(out_dir / "gray.png")
+    colors.save(out_dir / "colors.png")
     inputs = {"photo": photo, "gray": gray.convert("RGB")}
 
     blob = bytearray()
@@ -106,6 +109,14 @@ def main(out_dir: Path) -> None:
                 {"top": box[0], "left": box[1], "height": box[2], "width": box[3], "size": 24, "order": list(order),
                  "factors": list(factors), "grayscale": gs, "blur": blur, "solarize": sol,
                  "flip": flip}, out)
+
+    # uniformly random colours: every branch of Pillow's HSV round trip and blends
+    for f in (-0.1, -0.0421, -0.003, 0.0123, 0.077, 0.1):
+        add(f"colors-hue-{f}", "colors", "hue", {"factor": f}, F.adjust_hue(colors, f))
+    for f in (0.61, 1.33):
+        add(f"colors-saturation-{f}", "colors", "saturation", {"factor": f}, F.adjust_saturation(colors, f))
+        add(f"colors-contrast-{f}", "colors", "contrast", {"factor": f}, F.adjust_contrast(colors, f))
+        add(f"colors-brightness-{f}", "colors", "brightness", {"factor": f}, F.adjust_brightness(colors, f))
 
     # normalisation (float32 output)
     t = F.normalize(F.to_tensor(photo), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
