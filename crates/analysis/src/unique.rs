@@ -15,8 +15,8 @@
 //!   j < k is already assigned; nearest neighbours take row maxima and column maxima of the
 //!   same blocks.
 //! * A block whose largest similarity is below the loosest threshold has no edge and costs two
-//!   reductions beyond its GEMM (the common case of a healthy head). Otherwise the candidate
-//!   pairs are extracted sparsely and handed to the scan in row order.
+//!   reductions beyond its GEMM (the common case of a healthy head). Otherwise the rows that
+//!   have candidates are scanned once in place and their pairs handed to the scan in row order.
 //! * f32 similarities of unit vectors carry a rounding error of at most
 //!   `|Δs| ≤ γ_d + 2u ≈ (d + 2)·2⁻²⁴` (≈ 1.55e-5 for d = 256), so `|ΔD²| ≤ 2|Δs|`. A pair whose
 //!   f32 `D²` lies within [`refine_band`] of some `ε²` is decided with the exact f64 distance
@@ -26,8 +26,8 @@
 //!   at ε = 0.001 where the f32 GEMM alone could not resolve D.
 //! * Cost: K = 65536 × d = 256 is ≈ 1.1 TFLOP of f32 GEMM (half of K²·d·2); the measured time
 //!   is in the crate's report. A heavily collapsed head has many candidate pairs (a cluster of
-//!   n near-duplicates gives n²/2); they are streamed in chunks of at most [`EDGE_CHUNK`]
-//!   elements, so memory stays bounded and only the time grows.
+//!   n near-duplicates gives n²/2); they are held for one block at a time, so memory grows
+//!   with the largest cluster, and time with the number of pairs.
 
 use std::time::Instant;
 
@@ -51,9 +51,6 @@ pub const DEFAULT_BLOCK_ROWS: i64 = 2048;
 pub fn refine_band(dim: i64) -> f64 {
     2.0 * 1.1 * (dim + 2) as f64 * (f32::EPSILON as f64 / 2.0)
 }
-
-/// Largest number of similarity entries inspected at once when extracting candidate pairs.
-pub const EDGE_CHUNK: i64 = 1 << 23;
 
 /// Quantiles reported for the nearest-neighbour distances.
 pub const NN_QUANTILES: [f64; 7] = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99];
@@ -288,33 +285,17 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
         cur.f_copy_(&col_max.f_where_self(&better, &cur)?)?;
         let block_max = row_max.f_max()?.f_double_value(&[])?;
 
-        // Candidate pairs of this block, in row-major order, chunk by chunk.
-        let mut pairs: Vec<(usize, usize, f32)> = Vec::new();
-        if block_max > s_lo {
-            let rows_per_chunk = (EDGE_CHUNK / width).max(1);
-            let mut r0 = 0;
-            while r0 < b {
-                let r = rows_per_chunk.min(b - r0);
-                let sub = s.f_narrow(0, r0, r)?;
-                let nz = sub.f_gt(s_lo)?.f_nonzero()?;
-                // Gather the values through flat indices (cheaper than a second masked scan).
-                let flat = nz
-                    .f_select(1, 0)?
-                    .f_mul_scalar(width)?
-                    .f_add(&nz.f_select(1, 1)?)?;
-                let val = Vec::<f32>::try_from(sub.f_reshape([-1])?.f_index_select(0, &flat)?)?;
-                let idx = Vec::<i64>::try_from(nz.f_reshape([-1])?)?;
-                for (p, v) in idx.chunks_exact(2).zip(val) {
-                    pairs.push(((b0 + r0 + p[0]) as usize, (b0 + p[1]) as usize, v));
-                }
-                r0 += r;
-            }
-        }
-        candidate_pairs += pairs.len() as u64;
+        // Rows with a candidate pair (s > s_lo) are read in place, once, in row order.
+        let row_max_host = Vec::<f32>::try_from(&row_max)?;
+        let block_host = if block_max > s_lo {
+            Some(host_block(&s)?)
+        } else {
+            None
+        };
 
         // The greedy scan and the unions, row by row.
-        let mut next = 0;
-        for i in b0 as usize..(b0 + b) as usize {
+        for (r, &r_max) in row_max_host.iter().enumerate() {
+            let i = b0 as usize + r;
             let mut leader = vec![false; states.len()];
             for (e, st) in states.iter_mut().enumerate() {
                 if st.group[i] < 0 {
@@ -323,9 +304,19 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
                     leader[e] = true;
                 }
             }
-            while next < pairs.len() && pairs[next].0 == i {
-                let (_, j, s_ij) = pairs[next];
-                next += 1;
+            let Some(block_host) = &block_host else {
+                continue;
+            };
+            if r_max as f64 <= s_lo {
+                continue;
+            }
+            let row = block_host.row(r);
+            for (c, &s_ij) in row.iter().enumerate() {
+                if s_ij as f64 <= s_lo {
+                    continue;
+                }
+                let j = b0 as usize + c;
+                candidate_pairs += 1;
                 let mut dist = PairDistance {
                     d2_f32: (2.0 - 2.0 * s_ij as f64).max(0.0),
                     band,
@@ -384,6 +375,37 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
         components,
         nn_index,
     })
+}
+
+/// A similarity block held as a contiguous f32 CPU tensor, readable row by row in place: one
+/// pass over the rows that have candidate pairs, no copy, no pair list (a collapsed cluster of
+/// n rows would otherwise need n² entries of memory).
+struct HostBlock {
+    tensor: Tensor,
+    width: usize,
+}
+
+fn host_block(s: &Tensor) -> Result<HostBlock> {
+    let tensor = s
+        .f_to_device(tch::Device::Cpu)?
+        .f_to_kind(Kind::Float)?
+        .f_contiguous()?;
+    let width = tensor.size()[1] as usize;
+    Ok(HostBlock { tensor, width })
+}
+
+impl HostBlock {
+    /// Row `r` as a slice (panics if `r` is not a row of the block).
+    fn row(&self, r: usize) -> &[f32] {
+        assert!(
+            r < self.tensor.size()[0] as usize,
+            "row {r} out of the block"
+        );
+        let base = self.tensor.data_ptr() as *const f32;
+        // SAFETY: `host_block` made the tensor contiguous f32 on the CPU; it is owned by `self`
+        // and never written, so the slice (bounded by the assertion) stays valid while borrowed.
+        unsafe { std::slice::from_raw_parts(base.add(r * self.width), self.width) }
+    }
 }
 
 /// The nearest neighbour of every row: the row part's index where it is at least as similar,
