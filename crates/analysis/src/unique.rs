@@ -328,6 +328,10 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
                     refinements: &mut refinements,
                 };
                 for (e, st) in states.iter_mut().enumerate() {
+                    // Same greedy group ⇒ both within ε of its leader ⇒ already connected.
+                    if st.group[j] == st.group[i] {
+                        continue;
+                    }
                     let takes = leader[e] && st.group[j] < 0;
                     let joins = st.uf.find(i as u32) != st.uf.find(j as u32);
                     if (takes || joins) && dist.below(st.eps, st.eps2) {
