@@ -1,1 +1,45 @@
-//! Core DINO + KoLeo-proto library (see the module map as it grows).
+//! The DINO + KoLeo-proto training step of protodino, exact to the official DINO code
+//! (`shared/spec/ALGORITHM.md` §1, §2 and the pitfalls of §7). No networking: the distributed
+//! parts are reached through the [`Reducer`] hook.
+//!
+//! Module map (read in this order):
+//! * [`schedule`] — lr / weight-decay / EMA-momentum cosines and the per-epoch teacher temperature;
+//! * [`loss`] — the DINO loss over the 2V−2 crop pairs and the centre (update through the hook);
+//! * [`koleo`] — KoLeo-proto on the student prototypes, blockwise nearest-neighbour search;
+//! * [`params`] — official names, parameter groups, buffers, the `last_layer` rule;
+//! * [`grads`] — per-parameter gradient clipping and gradient norms;
+//! * [`optim`] — AdamW / SGD / LARS with state we own (exportable);
+//! * [`ema`] — the EMA teacher;
+//! * [`reducer`] — the all-reduce hook and the world of one;
+//! * [`network`] — what the step needs from a network (`MultiCrop` implements it), devices, bf16;
+//! * [`step`] — [`DinoTrainer`]: one iteration in the official order, metrics, failure files;
+//! * [`checkpoint`] — safetensors checkpoints with official names, resume, official imports;
+//! * [`replay`] — recompute (and optionally apply) one step from a checkpoint and a batch file;
+//! * [`io`] — atomic safetensors reading and writing;
+//! * [`error`] — [`DinoError`].
+
+pub mod checkpoint;
+pub mod ema;
+pub mod error;
+pub mod grads;
+pub mod io;
+pub mod koleo;
+pub mod loss;
+pub mod network;
+pub mod optim;
+pub mod params;
+pub mod reducer;
+pub mod replay;
+pub mod schedule;
+pub mod step;
+
+pub use checkpoint::{CheckpointMeta, LoadedCheckpoint};
+pub use error::{DinoError, NonFiniteLoss, Result};
+pub use koleo::{KoleoOutput, KoleoProto, koleo_proto};
+pub use loss::{DinoLoss, DinoLossOutput};
+pub use network::DinoNetwork;
+pub use optim::Optimizer;
+pub use reducer::{LocalReducer, Reducer};
+pub use replay::{ReplayOverrides, ReplayReport, read_batch, replay, write_batch};
+pub use schedule::{ScheduleValues, Schedules};
+pub use step::{Batch, DinoTrainer, StepMetrics};

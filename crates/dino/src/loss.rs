@@ -1,0 +1,140 @@
+//! The DINO loss with teacher centring and sharpening (ALGORITHM.md §1.5, §1.6; pitfalls 1–4, 11).
+//!
+//! Student and teacher outputs are crop-major (`[global-1 of all B images; global-2; local-1; …]`).
+//! The loss averages the cross-entropies of the `2V − 2` (teacher crop `a`, student crop `v ≠ a`)
+//! pairs, each a mean over the B images. Softmax and log-softmax run in fp32 whatever the dtype of
+//! the logits (bf16 autocast on CUDA).
+//!
+//! The centre `c` ([1, K], zero at start) is *not* touched by [`DinoLoss::loss`]: the step calls
+//! [`DinoLoss::update_center`] after the optimiser step, with the raw teacher logits of both
+//! global crops, so the loss of a step always uses the centre of the previous steps — exactly as
+//! the official code, where the update happens at the end of the loss call — and a step aborted
+//! for a non-finite loss leaves the centre untouched (it can be replayed). The update goes
+//! through a [`Reducer`]: row sums and row counts are all-reduced, so
+//! `c_batch = Σ_workers Σ_rows Z_t / (2B·W)`, also when workers hold different numbers of rows.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{DinoError, Result};
+use crate::reducer::Reducer;
+
+/// The loss value and its parts.
+#[derive(Debug)]
+pub struct DinoLossOutput {
+    /// `L_DINO`, a scalar fp32 tensor in the student's autograd graph.
+    pub loss: Tensor,
+    /// `ℓ(a, v)` (detached scalars) for every used pair, in the official summation order
+    /// (`a` outer, `v` inner). Kept as tensors so that no device sync happens per pair.
+    pub pair_terms: Vec<((i64, i64), Tensor)>,
+}
+
+/// The DINO loss module: the temperatures, the number of crops and the centre buffer.
+#[derive(Debug)]
+pub struct DinoLoss {
+    /// `τ_s` (0.1).
+    pub student_temp: f64,
+    /// `m_c` (0.9).
+    pub center_momentum: f64,
+    /// `V = 2 + L`.
+    pub n_crops: i64,
+    /// `c`, shape [1, K], fp32; saved as `dino_loss.center`.
+    pub center: Tensor,
+}
+
+impl DinoLoss {
+    /// A loss for `out_dim = K` prototypes with a zero centre.
+    pub fn new(
+        out_dim: i64,
+        n_crops: i64,
+        student_temp: f64,
+        center_momentum: f64,
+        device: Device,
+    ) -> Self {
+        DinoLoss {
+            student_temp,
+            center_momentum,
+            n_crops,
+            center: Tensor::zeros([1, out_dim], (Kind::Float, device)),
+        }
+    }
+
+    /// `L_DINO` of crop-major student logits `[V·B, K]` and teacher logits `[2B, K]` at teacher
+    /// temperature `teacher_temp`. The teacher side is detached.
+    pub fn loss(
+        &self,
+        student_output: &Tensor,
+        teacher_output: &Tensor,
+        teacher_temp: f64,
+    ) -> Result<DinoLossOutput> {
+        let (rows_s, k_s) = dims2(student_output, "student output")?;
+        let (rows_t, k_t) = dims2(teacher_output, "teacher output")?;
+        let k = self.center.size()[1];
+        if k_s != k || k_t != k {
+            return Err(DinoError::Shape(format!(
+                "logits have {k_s} (student) / {k_t} (teacher) columns, the centre {k}"
+            )));
+        }
+        if rows_t % 2 != 0 || rows_s != rows_t / 2 * self.n_crops {
+            return Err(DinoError::Shape(format!(
+                "student rows {rows_s} and teacher rows {rows_t} do not fit {} crops",
+                self.n_crops
+            )));
+        }
+        let student_out = student_output.to_kind(Kind::Float) / self.student_temp;
+        let student_out = student_out.chunk(self.n_crops, 0);
+        let teacher_out = ((teacher_output.to_kind(Kind::Float) - &self.center) / teacher_temp)
+            .softmax(-1, Kind::Float)
+            .detach();
+        let teacher_out = teacher_out.chunk(2, 0);
+        let mut total: Option<Tensor> = None;
+        let mut pair_terms = Vec::with_capacity(2 * self.n_crops as usize - 2);
+        for (iq, q) in teacher_out.iter().enumerate() {
+            for (v, s) in student_out.iter().enumerate() {
+                if v == iq {
+                    continue;
+                }
+                let term = (-q * s.log_softmax(-1, Kind::Float))
+                    .sum_dim_intlist(-1, false, Kind::Float)
+                    .mean(Kind::Float);
+                pair_terms.push(((iq as i64, v as i64), term.detach()));
+                total = Some(match total {
+                    None => term,
+                    Some(t) => t + term,
+                });
+            }
+        }
+        let n_terms = pair_terms.len() as f64;
+        let loss = total.ok_or_else(|| DinoError::Shape("no loss pairs (V < 2)".into()))? / n_terms;
+        Ok(DinoLossOutput { loss, pair_terms })
+    }
+
+    /// `c ← m_c·c + (1 − m_c)·c_batch` from the raw teacher logits `[2B, K]` of this worker;
+    /// the row sums and the row count are all-reduced with `reducer` first.
+    pub fn update_center(&mut self, teacher_output: &Tensor, reducer: &dyn Reducer) -> Result<()> {
+        let (rows, _) = dims2(teacher_output, "teacher output")?;
+        let (sum, count) = tch::no_grad(|| {
+            let sum = teacher_output
+                .detach()
+                .to_kind(Kind::Float)
+                .sum_dim_intlist(0, true, Kind::Float);
+            let count = Tensor::from_slice(&[rows as f32]).to_device(sum.device());
+            (sum, count)
+        });
+        let mut parts = [sum, count];
+        reducer.all_reduce_sum(&mut parts)?;
+        let [sum, count] = parts;
+        tch::no_grad(|| {
+            let batch_center = sum / count.squeeze();
+            self.center =
+                &self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum);
+        });
+        Ok(())
+    }
+}
+
+fn dims2(t: &Tensor, what: &str) -> Result<(i64, i64)> {
+    match t.size().as_slice() {
+        [r, k] => Ok((*r, *k)),
+        s => Err(DinoError::Shape(format!("{what} must be 2-D, got {s:?}"))),
+    }
+}

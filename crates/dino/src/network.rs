@@ -1,0 +1,52 @@
+//! What the step needs from a network: crop-major logits and the effective prototypes.
+//!
+//! [`DinoNetwork`] is implemented for `protodino_models::MultiCrop` (in `multicrop`), and by
+//! the tiny reference network of the golden tests, so the very same step code is checked against
+//! PyTorch. Also here: device parsing and the bf16 autocast switch.
+
+use protodino_models::ForwardCtx;
+use tch::{Device, Tensor};
+
+use crate::error::{DinoError, Result};
+
+/// A DINO network: backbone + projection head behind a multi-crop wrapper.
+pub trait DinoNetwork {
+    /// Logits `[Σ N_crop, K]` of crops given in the official order (global-1, global-2,
+    /// locals), crop-major.
+    fn forward(&self, crops: &[Tensor], ctx: &ForwardCtx) -> Tensor;
+    /// The effective prototypes `w_k = g_k v_k/‖v_k‖`, `[K, d]`, in the autograd graph.
+    fn prototypes(&self) -> Tensor;
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| DinoError::Config(format!("train.device: unknown device `{s}`"))),
+    }
+}
+
+// `at::autocast::set_autocast_dtype(c10::DeviceType, c10::ScalarType)`, exported by
+// libtorch_cpu (a stable ATen API). tch 0.24 only toggles autocast, whose CUDA dtype defaults
+// to fp16; DINO without a GradScaler needs bf16. Both enums are `int8_t` enum classes, passed as
+// integers under the SysV ABI.
+unsafe extern "C" {
+    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
+    fn at_autocast_set_autocast_dtype(device_type: i8, dtype: i8);
+}
+
+const C10_DEVICE_CUDA: i8 = 1;
+const C10_SCALAR_BFLOAT16: i8 = 15;
+
+/// Make CUDA autocast regions (tch's `autocast(true, …)`) compute in bf16. A process-wide setting
+/// of libtorch; harmless on a CPU-only build.
+pub fn use_bf16_autocast() {
+    // SAFETY: a plain setter of a thread-local/global ATen value with two integer arguments;
+    // the symbol exists in every libtorch 2.x (checked with `nm -D` for 2.11.0).
+    unsafe { at_autocast_set_autocast_dtype(C10_DEVICE_CUDA, C10_SCALAR_BFLOAT16) }
+}

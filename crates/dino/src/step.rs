@@ -1,0 +1,396 @@
+//! The training step: [`DinoTrainer`] owns student and teacher, the optimiser state, the DINO
+//! centre, KoLeo-proto and the schedules, and runs one iteration in the official order
+//! (ALGORITHM.md §1.8):
+//!
+//! 1. schedule values of iteration `it` (lr both groups, wd group 0, momentum, τ_t(epoch));
+//! 2. teacher forward on the 2 global crops (no grad), student forward on all crops — inside a
+//!    bf16 autocast region on CUDA when `train.precision = "bf16"`; DINO loss and KoLeo-proto
+//!    in fp32 outside it; `total = L_DINO + λ·L_KP`;
+//! 3. abort on a non-finite total: nothing has been modified yet, and (with a failure directory)
+//!    a checkpoint of the state and the batch file are written for `replay`;
+//! 4. zero grads, backward;
+//! 5. gradient all-reduce (mean) through the [`Reducer`];
+//! 6. per-parameter clipping;
+//! 7. optimiser step, skipping `last_layer` parameters entirely while `epoch < freeze_last_layer`;
+//! 8. EMA of every teacher parameter (including a frozen `weight_g`), buffers excluded;
+//! 9. centre update from the raw teacher logits through the reducer (see `loss` for why it is
+//!    done last; the loss of this step used the previous centre either way).
+//!
+//! Determinism: drop-path randomness comes from `(seed, step, sample id)` in the models crate and
+//! everything else here is deterministic, so `N` steps equal `k` steps + checkpoint + resume +
+//! `N − k` steps bit for bit (tested).
+
+use std::path::PathBuf;
+
+use protodino_config::{Precision, TrainConfig};
+use protodino_models::ForwardCtx;
+use tch::nn::{self, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::ema::{copy_student_to_teacher, ema_update, pair_parameters};
+use crate::error::{DinoError, NonFiniteLoss, Result};
+use crate::grads::{clip_gradients, total_norm};
+use crate::koleo::KoleoProto;
+use crate::loss::DinoLoss;
+use crate::network::{DinoNetwork, parse_device, use_bf16_autocast};
+use crate::optim::Optimizer;
+use crate::params::{is_last_layer, named_parameters, named_variables, trainable_parameters};
+use crate::reducer::Reducer;
+use crate::schedule::{ScheduleValues, Schedules};
+
+/// The crops of one step on this worker.
+#[derive(Debug)]
+pub struct Batch {
+    /// 2 tensors `[B, 3, G, G]` (global-1, global-2), normalised fp32.
+    pub global_crops: Vec<Tensor>,
+    /// L tensors `[B, 3, l, l]`.
+    pub local_crops: Vec<Tensor>,
+    /// Dataset index of each of the B images (drives drop-path randomness).
+    pub sample_ids: Vec<i64>,
+}
+
+impl Batch {
+    /// Images per crop, B.
+    pub fn batch_size(&self) -> i64 {
+        self.global_crops.first().map_or(0, |t| t.size()[0])
+    }
+
+    /// All crops in the official order, moved to `device`.
+    pub fn crops(&self, device: Device) -> Vec<Tensor> {
+        self.global_crops
+            .iter()
+            .chain(self.local_crops.iter())
+            .map(|t| t.to_device(device))
+            .collect()
+    }
+
+    fn check(&self, n_local: i64) -> Result<()> {
+        let b = self.batch_size();
+        if self.global_crops.len() != 2 || self.local_crops.len() as i64 != n_local {
+            return Err(DinoError::Shape(format!(
+                "batch has {} global and {} local crops, expected 2 and {n_local}",
+                self.global_crops.len(),
+                self.local_crops.len()
+            )));
+        }
+        if b == 0 || self.sample_ids.len() as i64 != b {
+            return Err(DinoError::Shape(format!(
+                "batch of {b} images has {} sample ids",
+                self.sample_ids.len()
+            )));
+        }
+        for t in self.global_crops.iter().chain(&self.local_crops) {
+            if t.dim() != 4 || t.size()[0] != b || t.size()[1] != 3 {
+                return Err(DinoError::Shape(format!(
+                    "crop of shape {:?}, expected [{b}, 3, H, W]",
+                    t.size()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepMetrics {
+    #[serde(flatten)]
+    pub schedule: ScheduleValues,
+    pub dino_loss: f64,
+    /// `L_KP` (0 when λ = 0: not computed).
+    pub koleo_proto: f64,
+    /// `L_DINO + λ·L_KP`.
+    pub total: f64,
+    /// Global gradient norm before clipping (after the all-reduce).
+    pub grad_norm: f64,
+    /// Global gradient norm after clipping.
+    pub grad_norm_clipped: f64,
+    /// Largest per-parameter gradient norm before clipping.
+    pub grad_norm_max: f64,
+    /// Whether the last layer was skipped (`epoch < freeze_last_layer`).
+    pub last_layer_frozen: bool,
+    /// Mean / min nearest-neighbour distance of the normalised student prototypes (KoLeo's d_k;
+    /// NaN-free 0 when λ = 0).
+    pub prototype_nn_mean: f64,
+    pub prototype_nn_min: f64,
+}
+
+/// Forward results of a step before anything is updated.
+#[derive(Debug)]
+pub struct StepLosses {
+    pub schedule: ScheduleValues,
+    pub dino_loss: Tensor,
+    pub koleo: Option<crate::koleo::KoleoOutput>,
+    pub total: Tensor,
+    pub teacher_output: Tensor,
+}
+
+/// Student, teacher and everything a DINO + KoLeo-proto step changes.
+pub struct DinoTrainer<N: DinoNetwork> {
+    pub cfg: TrainConfig,
+    pub device: Device,
+    pub student_vs: VarStore,
+    pub teacher_vs: VarStore,
+    pub student: N,
+    pub teacher: N,
+    pub optimizer: Optimizer,
+    pub dino_loss: DinoLoss,
+    pub koleo: KoleoProto,
+    pub schedules: Schedules,
+    /// Index of the next iteration (= number of completed steps).
+    pub step: i64,
+    /// Where the data pipeline stands; opaque here, stored in checkpoints.
+    pub data_position: serde_json::Value,
+    /// Schedule values of the last completed step.
+    pub last_schedule: Option<ScheduleValues>,
+    pub(crate) world_size: usize,
+    failure_dir: Option<PathBuf>,
+    ema_pairs: Vec<(Tensor, Tensor)>,
+    trainable: Vec<(String, Tensor)>,
+}
+
+impl<N: DinoNetwork> std::fmt::Debug for DinoTrainer<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DinoTrainer")
+            .field("device", &self.device)
+            .field("step", &self.step)
+            .field("trainable", &self.trainable.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<N: DinoNetwork> DinoTrainer<N> {
+    /// Build student (`root/"student"`, `build(path, true)`) and teacher (`root/"teacher"`,
+    /// `build(path, false)`) in their own VarStores on `cfg.train.device`, seeding libtorch's
+    /// generator with `cfg.train.seed` first so the initial weights are reproducible. The teacher
+    /// starts as a copy of every student variable and never requires gradients.
+    pub fn new(
+        cfg: TrainConfig,
+        niter_per_epoch: i64,
+        world_size: usize,
+        build: impl Fn(&nn::Path, bool) -> N,
+    ) -> Result<Self> {
+        let device = parse_device(&cfg.train.device)?;
+        if world_size == 0 {
+            return Err(DinoError::Config("world size must be >= 1".into()));
+        }
+        tch::manual_seed(cfg.train.seed as i64);
+        let student_vs = VarStore::new(device);
+        let student = build(&(student_vs.root() / "student"), true);
+        let mut teacher_vs = VarStore::new(device);
+        let teacher = build(&(teacher_vs.root() / "teacher"), false);
+        teacher_vs.freeze();
+        // Initial copy covers buffers too (`load_state_dict(student.state_dict())`).
+        let init_pairs =
+            pair_parameters(&named_variables(&student_vs), &named_variables(&teacher_vs))?;
+        copy_student_to_teacher(&init_pairs);
+        let ema_pairs = pair_parameters(
+            &named_parameters(&student_vs),
+            &named_parameters(&teacher_vs),
+        )?;
+        let trainable = trainable_parameters(&student_vs);
+        let schedules = Schedules::new(&cfg, niter_per_epoch, world_size)?;
+        let dino_loss = DinoLoss::new(
+            cfg.head.out_dim,
+            cfg.n_crops(),
+            cfg.loss.student_temp,
+            cfg.loss.center_momentum,
+            device,
+        );
+        Ok(DinoTrainer {
+            optimizer: Optimizer::new(&cfg.optim),
+            koleo: KoleoProto::new(&cfg.koleo),
+            cfg,
+            device,
+            student_vs,
+            teacher_vs,
+            student,
+            teacher,
+            dino_loss,
+            schedules,
+            step: 0,
+            data_position: serde_json::Value::Null,
+            last_schedule: None,
+            world_size,
+            failure_dir: None,
+            ema_pairs,
+            trainable,
+        })
+    }
+
+    /// Where to write the checkpoint and batch of a step whose loss is not finite.
+    pub fn set_failure_dir(&mut self, dir: impl Into<PathBuf>) {
+        self.failure_dir = Some(dir.into());
+    }
+
+    /// World size the schedules were built for.
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// Trainable student parameters (name, tensor), sorted by name.
+    pub fn trainable(&self) -> &[(String, Tensor)] {
+        &self.trainable
+    }
+
+    fn bf16(&self) -> bool {
+        self.cfg.train.precision == Precision::Bf16 && self.device.is_cuda()
+    }
+
+    /// Forward of student and teacher and the losses of `batch` with the given schedule values;
+    /// changes nothing.
+    pub fn losses(&mut self, batch: &Batch, sv: ScheduleValues) -> Result<StepLosses> {
+        batch.check(self.cfg.crops.local_crops_number)?;
+        let crops = batch.crops(self.device);
+        let bf16 = self.bf16();
+        if bf16 {
+            use_bf16_autocast();
+        }
+        let ctx = ForwardCtx {
+            train: true,
+            seed: self.cfg.train.seed,
+            step: sv.step,
+            sample_ids: &batch.sample_ids,
+            crop: 0,
+        };
+        let (teacher_output, student_output) = tch::autocast(bf16, || {
+            let t = tch::no_grad(|| self.teacher.forward(&crops[..2], &ctx));
+            let s = self.student.forward(&crops, &ctx);
+            (t.detach(), s)
+        });
+        let dino = tch::autocast(false, || {
+            self.dino_loss
+                .loss(&student_output, &teacher_output, sv.teacher_temp)
+        })?;
+        let lambda = self.cfg.koleo.weight;
+        let koleo = if lambda != 0.0 {
+            let protos = self.student.prototypes();
+            Some(self.koleo.compute(&protos, sv.step)?)
+        } else {
+            None
+        };
+        let total = match &koleo {
+            Some(k) => &dino.loss + &k.loss * lambda,
+            None => dino.loss.shallow_clone(),
+        };
+        Ok(StepLosses {
+            schedule: sv,
+            dino_loss: dino.loss,
+            koleo,
+            total,
+            teacher_output,
+        })
+    }
+
+    /// Run iteration `self.step` on this worker's `batch`.
+    pub fn train_step(&mut self, batch: &Batch, reducer: &dyn Reducer) -> Result<StepMetrics> {
+        let sv = self.schedules.at(self.step);
+        self.apply_step(batch, sv, reducer)
+    }
+
+    /// One full step with explicit schedule values (used by `train_step` and `replay`).
+    pub fn apply_step(
+        &mut self,
+        batch: &Batch,
+        sv: ScheduleValues,
+        reducer: &dyn Reducer,
+    ) -> Result<StepMetrics> {
+        let losses = self.losses(batch, sv)?;
+        let dino_loss = losses.dino_loss.double_value(&[]);
+        let koleo_proto = losses
+            .koleo
+            .as_ref()
+            .map_or(0.0, |k| k.loss.double_value(&[]));
+        let total = losses.total.double_value(&[]);
+        if !total.is_finite() {
+            return Err(self.non_finite(batch, sv, dino_loss, koleo_proto, total));
+        }
+        for (_, p) in &self.trainable {
+            let mut p = p.shallow_clone();
+            p.zero_grad();
+        }
+        losses.total.backward();
+        let mut grads: Vec<Tensor> = self
+            .trainable
+            .iter()
+            .map(|(_, p)| p.grad())
+            .filter(Tensor::defined)
+            .collect();
+        reducer.all_reduce_mean(&mut grads)?;
+        let norms = clip_gradients(&self.trainable, self.cfg.optim.clip_grad);
+        let grad_norm = total_norm(&norms);
+        let grad_norm_max = if norms.numel() > 0 {
+            norms.max().double_value(&[])
+        } else {
+            0.0
+        };
+        let grad_norm_clipped = total_norm(&crate::grads::grad_norms(&self.trainable));
+        let frozen = sv.epoch < self.cfg.optim.freeze_last_layer;
+        self.optimizer
+            .step(&self.trainable, sv.lr, sv.weight_decay, |n| {
+                frozen && is_last_layer(n)
+            })?;
+        ema_update(&self.ema_pairs, sv.momentum);
+        self.dino_loss
+            .update_center(&losses.teacher_output, reducer)?;
+        let (nn_mean, nn_min) = match &losses.koleo {
+            Some(k) => (
+                k.distances.mean(Kind::Float).double_value(&[]),
+                k.distances.min().double_value(&[]),
+            ),
+            None => (0.0, 0.0),
+        };
+        self.step = sv.step + 1;
+        self.last_schedule = Some(sv);
+        Ok(StepMetrics {
+            schedule: sv,
+            dino_loss,
+            koleo_proto,
+            total,
+            grad_norm,
+            grad_norm_clipped,
+            grad_norm_max,
+            last_layer_frozen: frozen,
+            prototype_nn_mean: nn_mean,
+            prototype_nn_min: nn_min,
+        })
+    }
+
+    fn non_finite(
+        &self,
+        batch: &Batch,
+        sv: ScheduleValues,
+        dino_loss: f64,
+        koleo_proto: f64,
+        total: f64,
+    ) -> DinoError {
+        let mut report = NonFiniteLoss {
+            step: sv.step,
+            epoch: sv.epoch,
+            dino_loss,
+            koleo_proto,
+            total,
+            checkpoint: None,
+            batch: None,
+        };
+        if let Some(dir) = &self.failure_dir {
+            let ckpt = dir.join(format!("nonfinite-step{}.ckpt.safetensors", sv.step));
+            let bfile = dir.join(format!("nonfinite-step{}.batch.safetensors", sv.step));
+            let written = std::fs::create_dir_all(dir)
+                .map_err(|e| DinoError::Io {
+                    path: dir.clone(),
+                    source: e,
+                })
+                .and_then(|()| self.save_checkpoint(&ckpt))
+                .and_then(|()| crate::replay::write_batch(&bfile, batch, Some(&sv)));
+            match written {
+                Ok(()) => {
+                    report.checkpoint = Some(ckpt);
+                    report.batch = Some(bfile);
+                }
+                Err(e) => tracing::error!(error = %e, "could not write the replay files"),
+            }
+        }
+        DinoError::NonFiniteLoss(Box::new(report))
+    }
+}
