@@ -20,14 +20,14 @@
 //! * f32 similarities of unit vectors carry a rounding error of at most
 //!   `|Δs| ≤ γ_d + 2u ≈ (d + 2)·2⁻²⁴` (≈ 1.55e-5 for d = 256), so `|ΔD²| ≤ 2|Δs|`. A pair whose
 //!   f32 `D²` lies within [`refine_band`] of some `ε²` is decided with the exact f64 distance
-//!   of the two rows, and
-//!   only when the decision changes something (a union of two different components, or a
-//!   leader taking an unassigned row). Counts are therefore those of the f64 distances, even
+//!   of the two rows, and only when the decision changes something (a union of two different
+//!   components, or a leader taking an unassigned row). Counts are therefore those of the f64 distances, even
 //!   at ε = 0.001 where the f32 GEMM alone could not resolve D.
-//! * Cost: K = 65536 × d = 256 is ≈ 1.1 TFLOP of f32 GEMM (half of K²·d·2); the measured time
-//!   is in the crate's report. A heavily collapsed head has many candidate pairs (a cluster of
-//!   n near-duplicates gives n²/2); they are held for one block at a time, so memory grows
-//!   with the largest cluster, and time with the number of pairs.
+//! * Cost: K = 65536 × d = 256 is ≈ 1.1 TFLOP of f32 GEMM (half of K²·d·2): 18 s for a fresh
+//!   head on the 2-core development CPU (`examples/unique_bench.rs`). A collapsed head has many
+//!   candidate pairs (a cluster of n near-duplicates gives n²/2); they are read in place from
+//!   the current block, never stored, and pairs inside one greedy group cost two array reads,
+//!   so memory stays at one block and time grows mildly with the number of pairs.
 
 use std::time::Instant;
 
@@ -253,7 +253,7 @@ pub fn analyze_unique(prototypes: &Tensor, opts: &UniqueOptions) -> Result<Uniqu
     let col_sim = Tensor::f_full([k], -3.0, (Kind::Float, cpu))?;
     let col_block = Tensor::f_full([k], -1, (Kind::Int64, cpu))?;
     let block = opts.block_rows.min(k);
-    let lower = Tensor::f_ones([block, block], (Kind::Bool, tch::Device::Cpu))?.f_tril(0)?;
+    let lower = Tensor::f_ones([block, block], (Kind::Bool, cpu))?.f_tril(0)?;
     let mut candidate_pairs = 0u64;
     let mut refinements = 0u64;
 
