@@ -20,6 +20,7 @@ use crate::element::{Element, as_bytes, as_bytes_mut};
 use crate::error::{CollectiveError, Result};
 use crate::frame::{HEADER_BYTES, Header};
 use crate::link;
+use crate::options::GroupOptions;
 
 /// One hop of an operation.
 #[derive(Debug, Clone, Copy)]
@@ -102,29 +103,19 @@ fn attempt<F: FnOnce() -> io::Result<usize>>(
 /// added); everything else moves in as few system calls as the socket buffers allow: a write sends
 /// every byte that is ready, a copy step reads straight into its final place and its bytes are
 /// forwarded at once.
-#[allow(clippy::too_many_arguments)]
 pub fn run<T: Element>(
     links: &mut Links,
     header: &Header,
     buf: &mut [T],
     bounds: &[usize],
     steps: &[Step],
-    chunk_bytes: usize,
-    sender_thread_min_bytes: Option<usize>,
-    timeout: Duration,
+    options: &GroupOptions,
     during: &'static str,
 ) -> Result<()> {
-    if sender_thread_min_bytes.is_some_and(|min| std::mem::size_of_val(buf) >= min) {
-        crate::duplex::run(
-            links,
-            header,
-            buf,
-            bounds,
-            steps,
-            chunk_bytes,
-            timeout,
-            during,
-        )
+    let (chunk, timeout) = (options.chunk_bytes, options.timeout);
+    let threaded = options.sender_thread_min_bytes;
+    if threaded.is_some_and(|min| std::mem::size_of_val(buf) >= min) {
+        crate::duplex::run(links, header, buf, bounds, steps, chunk, timeout, during)
     } else {
         run_single(
             links,
@@ -132,7 +123,8 @@ pub fn run<T: Element>(
             buf,
             bounds,
             steps,
-            chunk_bytes,
+            chunk,
+            options.spin,
             timeout,
             during,
         )
@@ -148,6 +140,7 @@ fn run_single<T: Element>(
     bounds: &[usize],
     steps: &[Step],
     chunk_bytes: usize,
+    spin: Duration,
     timeout: Duration,
     during: &'static str,
 ) -> Result<()> {
@@ -173,6 +166,7 @@ fn run_single<T: Element>(
     let mut send = Cursor::default();
     let mut recv = Cursor::default();
     let (next_rank, prev_rank) = (links.next_rank, links.prev_rank);
+    let mut idle_since: Option<std::time::Instant> = None;
 
     loop {
         while send.step < steps.len() && send.done == plan.send_len(send.step) {
@@ -267,6 +261,12 @@ fn run_single<T: Element>(
         }
 
         if progressed {
+            idle_since = None;
+            continue;
+        }
+        let idle = *idle_since.get_or_insert_with(std::time::Instant::now);
+        if idle.elapsed() < spin {
+            std::hint::spin_loop();
             continue;
         }
         // Nothing moved: wait for the sockets. While we still owe the successor data, watch its

@@ -269,12 +269,8 @@ impl RingGroup {
         steps: &[engine::Step],
         during: &'static str,
     ) -> Result<()> {
-        let (chunk, timeout) = (self.options.chunk_bytes, self.options.timeout);
-        let threaded = self.options.sender_thread_min_bytes;
         let result = match self.links.as_mut() {
-            Some(links) => engine::run(
-                links, header, buf, bounds, steps, chunk, threaded, timeout, during,
-            ),
+            Some(links) => engine::run(links, header, buf, bounds, steps, &self.options, during),
             None => Err(CollectiveError::Poisoned),
         };
         result.map_err(|e| self.fail(e))
