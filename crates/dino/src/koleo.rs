@@ -179,7 +179,7 @@ mod tests {
     fn duplicate_prototype_is_its_twins_neighbour() {
         tch::manual_seed(4);
         let w = Tensor::randn([50, 8], (Kind::Float, tch::Device::Cpu));
-        let _ = w.get(7).copy_(&(w.get(30) * 2.5));
+        w.get(7).copy_(&(w.get(30) * 2.5));
         let out = koleo_proto(&w, 1e-8, 16, None).unwrap();
         assert_eq!(out.nn_index.int64_value(&[7]), 30);
         assert_eq!(out.nn_index.int64_value(&[30]), 7);

@@ -181,7 +181,7 @@ impl Optimizer {
             let q = param_norm
                 .gt(0.0)
                 .where_self(&update_norm.gt(0.0).where_self(&trust, &one), &one);
-            dp = dp * q;
+            dp *= q;
         }
         let st = self
             .state
