@@ -13,6 +13,8 @@
 //! `size − 1` (reflect padding needs it; never the case for DINO's 16-px or larger crops and
 //! σ ≤ 2).
 
+use crate::simd::avx2_dispatch;
+
 /// Kernel half-width for σ: `ceil(3σ)`.
 pub fn half_width(sigma: f64) -> usize {
     (3.0 * sigma).ceil().max(1.0) as usize
@@ -68,22 +70,50 @@ impl GaussianBlur {
             return;
         }
         kernel(half, sigma, &mut self.kernel);
-        let k = &self.kernel;
         let row_len = 3 * width;
         self.tmp.resize(px.len(), 0.0);
         self.padded.resize(3 * (width + 2 * half), 0.0);
-        // Horizontal pass → f32.
-        for y in 0..height {
-            let row = &px[y * row_len..(y + 1) * row_len];
+        self.acc.resize(row_len, 0.0);
+        blur_rows(
+            &self.kernel,
+            px,
+            width,
+            half,
+            &mut self.padded,
+            &mut self.tmp,
+        );
+        blur_columns(
+            &self.kernel,
+            &self.tmp,
+            width,
+            height,
+            half,
+            &mut self.acc,
+            px,
+        );
+    }
+}
+
+avx2_dispatch! {
+    /// Horizontal pass → f32 (`tmp`), through a reflect-padded copy of each row.
+    fn blur_rows(
+        k: &[f32],
+        px: &[u8],
+        width: usize,
+        half: usize,
+        padded: &mut [f32],
+        tmp: &mut [f32],
+    ) {
+        let row_len = 3 * width;
+        for (row, out) in px.chunks_exact(row_len).zip(tmp.chunks_exact_mut(row_len)) {
             for xp in 0..width + 2 * half {
                 let xs = reflect(xp as isize - half as isize, width);
                 for c in 0..3 {
-                    self.padded[3 * xp + c] = row[3 * xs + c] as f32;
+                    padded[3 * xp + c] = row[3 * xs + c] as f32;
                 }
             }
-            let out = &mut self.tmp[y * row_len..(y + 1) * row_len];
             for (x, o) in out.chunks_exact_mut(3).enumerate() {
-                let win = &self.padded[3 * x..3 * (x + 2 * half + 1)];
+                let win = &padded[3 * x..3 * (x + 2 * half + 1)];
                 let mut s = [0f32; 3];
                 for (p, &w) in win.chunks_exact(3).zip(k) {
                     s[0] += p[0] * w;
@@ -93,19 +123,32 @@ impl GaussianBlur {
                 o.copy_from_slice(&s);
             }
         }
-        // Vertical pass → round half to even → u8.
-        self.acc.resize(row_len, 0.0);
+    }
+}
+
+avx2_dispatch! {
+    /// Vertical pass over whole rows → round half to even → u8.
+    fn blur_columns(
+        k: &[f32],
+        tmp: &[f32],
+        width: usize,
+        height: usize,
+        half: usize,
+        acc: &mut [f32],
+        px: &mut [u8],
+    ) {
+        let row_len = 3 * width;
         for y in 0..height {
-            self.acc.fill(0.0);
+            acc.fill(0.0);
             for (t, &w) in k.iter().enumerate() {
                 let ys = reflect(y as isize + t as isize - half as isize, height);
-                let src = &self.tmp[ys * row_len..(ys + 1) * row_len];
-                for (a, &v) in self.acc.iter_mut().zip(src) {
+                let src = &tmp[ys * row_len..(ys + 1) * row_len];
+                for (a, &v) in acc.iter_mut().zip(src) {
                     *a += v * w;
                 }
             }
             let out = &mut px[y * row_len..(y + 1) * row_len];
-            for (o, &a) in out.iter_mut().zip(&self.acc) {
+            for (o, &a) in out.iter_mut().zip(acc.iter()) {
                 *o = a.round_ties_even().clamp(0.0, 255.0) as u8;
             }
         }

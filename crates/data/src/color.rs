@@ -10,6 +10,8 @@
 //! * hue: torchvision adds `np.int8(hue·255)` (truncated toward zero) to the 8-bit H channel
 //!   with wrap-around, using Pillow's `rgb2hsv`/`hsv2rgb`.
 
+use crate::simd::avx2_dispatch;
+
 #[inline]
 pub fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
@@ -64,12 +66,17 @@ pub fn adjust_saturation(px: &mut [u8], factor: f64) {
     if factor == 1.0 {
         return;
     }
-    let a = factor as f32;
-    for p in px.chunks_exact_mut(3) {
-        let l = luma(p[0], p[1], p[2]);
-        p[0] = blend(l, p[0], a);
-        p[1] = blend(l, p[1], a);
-        p[2] = blend(l, p[2], a);
+    saturation_rows(px, factor as f32);
+}
+
+avx2_dispatch! {
+    fn saturation_rows(px: &mut [u8], a: f32) {
+        for p in px.chunks_exact_mut(3) {
+            let l = luma(p[0], p[1], p[2]);
+            p[0] = blend(l, p[0], a);
+            p[1] = blend(l, p[1], a);
+            p[2] = blend(l, p[2], a);
+        }
     }
 }
 
@@ -188,13 +195,18 @@ fn hsv2rgb(t: &HsvTables, h: u8, s: u8, v: u8) -> (u8, u8, u8) {
 pub fn adjust_hue(px: &mut [u8], hue_factor: f64) {
     // np.int8(hue_factor * 255) truncates toward zero, then wraps as uint8.
     let shift = ((hue_factor * 255.0) as i32 as i8) as u8;
-    let t = tables();
-    for p in px.chunks_exact_mut(3) {
-        let (h, s, v) = rgb2hsv(t, p[0], p[1], p[2]);
-        let (r, g, b) = hsv2rgb(t, h.wrapping_add(shift), s, v);
-        p[0] = r;
-        p[1] = g;
-        p[2] = b;
+    hue_rows(tables(), px, shift);
+}
+
+avx2_dispatch! {
+    fn hue_rows(t: &HsvTables, px: &mut [u8], shift: u8) {
+        for p in px.chunks_exact_mut(3) {
+            let (h, s, v) = rgb2hsv(t, p[0], p[1], p[2]);
+            let (r, g, b) = hsv2rgb(t, h.wrapping_add(shift), s, v);
+            p[0] = r;
+            p[1] = g;
+            p[2] = b;
+        }
     }
 }
 

@@ -9,7 +9,8 @@
 //! * [`rng`] — counter-based randomness from (seed, epoch, sample id); `epoch_permutation`.
 //! * [`image`] — the 8-bit RGB image and the final normalisation.
 //! * [`resample`] — crop + bicubic resize in one pass, bit-exact with Pillow.
-//! * [`color`], [`blur`] — photometric transforms with torchvision/Pillow semantics.
+//! * [`color`], [`blur`] — photometric transforms with torchvision/Pillow semantics;
+//!   `simd` compiles their hot loops a second time for AVX2 (chosen at run time).
 //! * [`augment`] — DINO's per-crop parameter sampling and application; the eval transform.
 //! * [`multicrop`] — `MultiCropBatch` and filling one batch on a thread pool.
 //! * [`eval`] — `[N, 3, S, S]` evaluation batches for k-NN features.
@@ -35,6 +36,7 @@ pub mod open;
 pub mod resample;
 pub mod rng;
 pub mod shard;
+mod simd;
 
 pub use dataset::{Dataset, Record, RecordError, RecordKind, SharedDataset, SkippedRecord};
 pub use error::DataError;

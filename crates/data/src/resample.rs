@@ -81,6 +81,7 @@ impl Coeffs {
 }
 
 use crate::image::RgbImage;
+use crate::simd::avx2_dispatch;
 
 #[inline]
 fn clip8(acc: i32) -> u8 {
@@ -144,12 +145,15 @@ impl Resampler {
         let row_len = 3 * out_box.w;
         self.tmp.resize(rows * row_len, 0);
         let stride = 3 * src_width;
-        for r in 0..rows {
-            let y = src_box.y + first + r;
-            let row = &src[y * stride + 3 * src_box.x..y * stride + 3 * (src_box.x + src_box.w)];
-            let out = &mut self.tmp[r * row_len..(r + 1) * row_len];
-            horizontal_row(&self.horiz, row, 0, out);
-        }
+        let start = (src_box.y + first) * stride + 3 * src_box.x;
+        horizontal_pass(
+            &self.horiz,
+            &src[start..],
+            stride,
+            0,
+            row_len,
+            &mut self.tmp,
+        );
         vertical_pass(
             &self.vert,
             &self.tmp,
@@ -190,10 +194,7 @@ impl Resampler {
             &mut self.tmp,
         );
         let row_len = 3 * out_box.w;
-        for (r, out) in dst.chunks_exact_mut(row_len).enumerate() {
-            let row = &self.tmp[r * tmp_row..(r + 1) * tmp_row];
-            horizontal_row(&self.horiz, row, first, out);
-        }
+        horizontal_pass(&self.horiz, &self.tmp, tmp_row, first, row_len, dst);
     }
 }
 
@@ -208,6 +209,23 @@ pub fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> b
 
 fn span_end(bounds: &[(usize, usize)], first: usize) -> usize {
     bounds.iter().map(|&(s, n)| s + n).max().unwrap_or(first)
+}
+
+avx2_dispatch! {
+    /// The horizontal pass over `dst.len() / out_row` rows: input rows are `stride` bytes
+    /// apart in `input` and start at source column `col0`.
+    fn horizontal_pass(
+        c: &Coeffs,
+        input: &[u8],
+        stride: usize,
+        col0: usize,
+        out_row: usize,
+        dst: &mut [u8],
+    ) {
+        for (r, out) in dst.chunks_exact_mut(out_row).enumerate() {
+            horizontal_row(c, &input[r * stride..], col0, out);
+        }
+    }
 }
 
 /// One output row of the horizontal pass; `row` starts at source column `col0`.
@@ -229,6 +247,7 @@ fn horizontal_row(c: &Coeffs, row: &[u8], col0: usize, out: &mut [u8]) {
     }
 }
 
+avx2_dispatch! {
 /// The vertical pass: output row `yy` = Σ_t k[t] · input row `(ymin − row0 + t)`, where input
 /// rows are `stride` bytes apart in `input` and each output row has `out_row` bytes
 /// (the first `out_row` bytes of every input row are read).
@@ -258,6 +277,7 @@ fn vertical_pass(
             *o = clip8(a);
         }
     }
+}
 }
 
 #[cfg(test)]
