@@ -17,11 +17,19 @@ pub fn bind_listener(addr: &str, socket_buffer_bytes: usize) -> io::Result<TcpLi
     let addr = resolve(addr)?;
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    socket.set_recv_buffer_size(socket_buffer_bytes)?;
-    socket.set_send_buffer_size(socket_buffer_bytes)?;
+    set_buffers(&socket, socket_buffer_bytes)?;
     socket.bind(&addr.into())?;
     socket.listen(128)?;
     Ok(socket.into())
+}
+
+/// Requests `bytes` for both socket buffers; 0 leaves them to the kernel's autotuning.
+fn set_buffers(socket: &Socket, bytes: usize) -> io::Result<()> {
+    if bytes > 0 {
+        socket.set_recv_buffer_size(bytes)?;
+        socket.set_send_buffer_size(bytes)?;
+    }
+    Ok(())
 }
 
 /// First address a `host:port` string resolves to.
@@ -41,8 +49,7 @@ pub fn connect_once(
     wait: Duration,
 ) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_recv_buffer_size(socket_buffer_bytes)?;
-    socket.set_send_buffer_size(socket_buffer_bytes)?;
+    set_buffers(&socket, socket_buffer_bytes)?;
     socket.connect_timeout(&addr.into(), wait.max(Duration::from_millis(1)))?;
     Ok(socket.into())
 }
@@ -50,9 +57,7 @@ pub fn connect_once(
 /// Settings of an established ring connection: no Nagle delay, non-blocking for the poll loops.
 pub fn tune(stream: &TcpStream, socket_buffer_bytes: usize) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let sock = socket2::SockRef::from(stream);
-    sock.set_recv_buffer_size(socket_buffer_bytes)?;
-    sock.set_send_buffer_size(socket_buffer_bytes)?;
+    set_buffers(&socket2::SockRef::from(stream), socket_buffer_bytes)?;
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     stream.set_nonblocking(true)
