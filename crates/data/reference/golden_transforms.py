@@ -9,6 +9,7 @@ Writes into the given directory:
   * photo.png  - a 48x36 RGB patch of scikit-learn's sample photograph "china.jpg"
   * gray.png   - a 23x31 8-bit grey image (a smooth pattern plus noise, fixed seed)
   * colors.png - 32x32 uniformly random RGB (fixed seed), for the colour operations
+  * photo.jpg  - photo.png encoded as JPEG (quality 90), and Pillow's decoding of it
   * golden.json, golden.bin - one case per transform call: parameters, output shape and the
     byte offset of its 8-bit output (or float32 output for the normalisation case) in golden.bin.
 
@@ -117,6 +118,11 @@ def main(out_dir: Path) -> None:
         add(f"colors-saturation-{f}", "colors", "saturation", {"factor": f}, F.adjust_saturation(colors, f))
         add(f"colors-contrast-{f}", "colors", "contrast", {"factor": f}, F.adjust_contrast(colors, f))
         add(f"colors-brightness-{f}", "colors", "brightness", {"factor": f}, F.adjust_brightness(colors, f))
+
+    # JPEG decoding: Pillow (libjpeg-turbo) vs the Rust decoder — a documented difference,
+    # checked with a tolerance in the test (both follow the JPEG spec; IDCT/upsampling differ)
+    photo.save(out_dir / "photo.jpg", quality=90)
+    add("photo-jpeg-decode", "jpeg", "decode", {}, Image.open(out_dir / "photo.jpg").convert("RGB"))
 
     # normalisation (float32 output)
     t = F.normalize(F.to_tensor(photo), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

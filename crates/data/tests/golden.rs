@@ -78,6 +78,7 @@ fn run_case(c: &Value, img: &RgbImage, scratch: &mut Scratch) -> Vec<u8> {
             color::adjust_hue(&mut px, p_f64(c, "factor"));
             px
         }
+        "decode" => px,
         "grayscale" => {
             color::to_grayscale(&mut px);
             px
@@ -143,6 +144,7 @@ fn transforms_match_torchvision_within_one_level() {
     let photo = load_png("photo.png");
     let gray = load_png("gray.png");
     let colors = load_png("colors.png");
+    let jpeg = load_png("photo.jpg"); // decoded by the pipeline's decoder (not Pillow's)
     let mut scratch = Scratch::default();
     let mut checked = 0;
     let mut report = Vec::new();
@@ -151,6 +153,7 @@ fn transforms_match_torchvision_within_one_level() {
         let img = match c["input"].as_str() {
             Some("gray") => &gray,
             Some("colors") => &colors,
+            Some("jpeg") => &jpeg,
             _ => &photo,
         };
         let off = c["offset"].as_u64().expect("offset") as usize;
@@ -184,7 +187,16 @@ fn transforms_match_torchvision_within_one_level() {
         let off_by_one = diffs.iter().filter(|&&d| d > 0).count();
         report.push(format!("{name}: max {max}, {off_by_one}/{len} differ"));
         let op = c["op"].as_str().unwrap_or_default();
-        if max > 1 {
+        if op == "decode" {
+            // Deliberate difference: the `image` crate's JPEG decoder (zune-jpeg) is not
+            // libjpeg-turbo; both are spec-conformant but round the IDCT and chroma upsampling
+            // differently. Bounded, not exact: measured max 3, mean 0.235 levels on this fixture.
+            let mad = diffs.iter().sum::<i32>() as f64 / len as f64;
+            report.push(format!("{name}: mean |diff| {mad:.3}"));
+            if max > 4 || mad > 0.5 {
+                failures.push(format!("{name}: JPEG decode max {max}, mean {mad:.3}"));
+            }
+        } else if max > 1 {
             failures.push(format!("{name}: max |diff| {max} > 1/255"));
         } else if off_by_one > 0 && !matches!(op, "blur" | "chain") {
             // Ops whose arithmetic we reproduce exactly must be bit-exact.
