@@ -37,6 +37,6 @@ pub use fewshot::{FewShotOptions, FewShotReport, fewshot_eval};
 pub use knn::{KnnOptions, KnnReport, knn_classify};
 pub use linear::{LinearProbeOptions, LinearProbeReport, linear_probe};
 pub use prototypes::{Head, PrototypeSource, Prototypes};
-pub use report::{PrototypeReport, prototype_report};
+pub use report::{PrototypeReport, prototype_report, prototype_report_from_named};
 pub use unique::{UniqueAnalysis, UniqueCount, UniqueOptions, UniqueReport, analyze_unique};
 pub use usage::{Assignment, Grouping, UsageAccumulator, UsageReport};

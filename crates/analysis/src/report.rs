@@ -9,6 +9,7 @@ use std::path::Path;
 
 use protodino_config::TrainConfig;
 use serde::{Deserialize, Serialize};
+use tch::Tensor;
 
 use crate::error::Result;
 use crate::fewshot::FewShotReport;
@@ -28,7 +29,20 @@ pub struct PrototypeReport {
 /// Read `head`'s prototype layer from a safetensors file (a full checkpoint or a bare head)
 /// and analyse it.
 pub fn prototype_report(path: &Path, head: Head, opts: &UniqueOptions) -> Result<PrototypeReport> {
-    let p = Prototypes::load(path, head)?;
+    report_for(Prototypes::load(path, head)?, opts)
+}
+
+/// The same for named tensors already in memory (e.g. a trainer's variables under their
+/// checkpoint names, at the end of training).
+pub fn prototype_report_from_named(
+    named: &[(String, Tensor)],
+    head: Head,
+    opts: &UniqueOptions,
+) -> Result<PrototypeReport> {
+    report_for(Prototypes::from_named(named, head)?, opts)
+}
+
+fn report_for(p: Prototypes, opts: &UniqueOptions) -> Result<PrototypeReport> {
     let unique = analyze_unique(&p.normalized, opts)?.report;
     Ok(PrototypeReport {
         source: p.source,

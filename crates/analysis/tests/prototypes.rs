@@ -3,7 +3,9 @@
 
 use protodino_analysis::knn::KnnOptions;
 use protodino_analysis::unique::{UniqueOptions, analyze_unique};
-use protodino_analysis::{AnalysisError, Head, PrototypeReport, Prototypes, prototype_report};
+use protodino_analysis::{
+    AnalysisError, Head, PrototypeReport, Prototypes, prototype_report, prototype_report_from_named,
+};
 use protodino_config::TrainConfig;
 use tch::{Kind, Tensor};
 
@@ -159,6 +161,9 @@ fn cli_report_json_and_text() {
     assert!(text.contains("teacher head"), "{text}");
     assert!(text.contains("KoLeo-proto"), "{text}");
     assert_eq!(r.unique.nn.min, 0.0);
+    let named = vec![("teacher.head.last_layer.weight_v".to_string(), v)];
+    let in_memory = prototype_report_from_named(&named, Head::Teacher, &opts).unwrap();
+    assert_eq!(in_memory.unique.counts, r.unique.counts);
 
     let knn = KnnOptions::from_config(&cfg);
     assert_eq!(knn.ks, vec![20, 10, 100, 200]);
