@@ -59,10 +59,11 @@ pub struct GroupOptions {
     /// faster than the one-thread loop and costs more CPU below ~8 MiB (thread hand-offs); worth
     /// trying on idle many-core hosts (`protodino-collectives-bench --sender-thread-min-bytes`).
     pub sender_thread_min_bytes: Option<usize>,
-    /// When neither socket is ready, keep retrying for this long before sleeping in `poll(2)`.
-    /// A sleeping rank must be woken and rescheduled for every chunk, which on a busy machine
-    /// costs more than the data; 50 µs measured best among 0 / 50 / 500 µs on the shared 2-core
-    /// box (world 2, 64 MiB: about 1.0–1.2 GB/s instead of 0.35–0.8, for ~10% more CPU).
+    /// When neither socket is ready, keep retrying for this long before sleeping in `poll(2)`
+    /// (saves a wake-up per chunk when ranks have cores of their own). Off by default: on the
+    /// shared 2-core build machine, where ranks share cores, spinning starves the peer on the
+    /// same core (world 2, 1 KiB: 45–95 µs without, 210–270 µs with 50 µs of spin) and 64 MiB was
+    /// no faster in repeated A/B runs.
     pub spin: Duration,
 }
 
@@ -75,7 +76,7 @@ impl Default for GroupOptions {
             bucket_bytes: 25 << 20,
             socket_buffer_bytes: 4 << 20,
             sender_thread_min_bytes: None,
-            spin: Duration::from_micros(50),
+            spin: Duration::ZERO,
         }
     }
 }

@@ -33,6 +33,7 @@ struct Args {
     chunk_bytes: usize,
     socket_buffer_bytes: usize,
     sender_thread_min_bytes: Option<usize>,
+    spin_us: u64,
     /// Timed trials per size; the fastest counts (the machine is shared, so slower trials
     /// measure the neighbours). Same rule in the gloo script.
     trials: usize,
@@ -50,6 +51,7 @@ fn parse_args() -> anyhow::Result<Args> {
         socket_buffer_bytes: GroupOptions::default().socket_buffer_bytes,
         trials: 3,
         sender_thread_min_bytes: None,
+        spin_us: GroupOptions::default().spin.as_micros() as u64,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -69,6 +71,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--max-bytes" => a.max_bytes = v.parse()?,
             "--python" => a.python = Some(v.clone()),
             "--gloo-script" => a.gloo_script = v.clone(),
+            "--spin-us" => a.spin_us = v.parse()?,
             "--sender-thread-min-bytes" => a.sender_thread_min_bytes = Some(v.parse()?),
             "--trials" => a.trials = v.parse::<usize>()?.max(1),
             "--chunk-bytes" => a.chunk_bytes = v.parse()?,
@@ -103,6 +106,7 @@ fn worker(args: &Args) -> anyhow::Result<()> {
         chunk_bytes: args.chunk_bytes,
         socket_buffer_bytes: args.socket_buffer_bytes,
         sender_thread_min_bytes: args.sender_thread_min_bytes,
+        spin: std::time::Duration::from_micros(args.spin_us),
         ..GroupOptions::default()
     };
     let listener = bind_listener("127.0.0.1:0", &options)?;
@@ -175,6 +179,7 @@ fn run_ring(args: &Args, world: usize) -> anyhow::Result<BTreeMap<usize, (f64, f
                 &args.socket_buffer_bytes.to_string(),
             ])
             .args(["--trials", &args.trials.to_string()])
+            .args(["--spin-us", &args.spin_us.to_string()])
             .args(
                 args.sender_thread_min_bytes
                     .map(|b| ["--sender-thread-min-bytes".to_string(), b.to_string()])
