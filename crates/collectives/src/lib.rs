@@ -12,6 +12,24 @@
 //! within seconds; the group is then poisoned and must be rebuilt (new ports, new membership, or a
 //! new NCCL unique id), in-process.
 //!
+//! Use from the worker (CPU):
+//! ```no_run
+//! # use protodino_collectives::*;
+//! # fn main() -> Result<()> {
+//! // Rendezvous: bind first, report the address to the coordinator, receive peers + secret.
+//! let options = GroupOptions::default();
+//! let listener = bind_listener("0.0.0.0:0", &options).map_err(|e| CollectiveError::Connect(e.to_string()))?;
+//! let spec = GroupSpec { rank: 0, world: 2, peers: vec!["10.0.0.1:7001".into(), "10.0.0.2:7001".into()], secret: b"from-coordinator".to_vec() };
+//! let mut group = RingGroup::connect(&spec, listener, options)?;
+//! let (mut w, mut b) = (vec![0.5f32; 10], vec![1.0f32; 3]);
+//! group.all_reduce_many(&mut [&mut w[..], &mut b[..]], ReduceOp::Average)?; // gradients
+//! # Ok(()) }
+//! ```
+//! On the GPU, `NcclGroup::init(&id, rank, world, device, timeout)` and the `unsafe`
+//! `all_reduce(tensor.data_ptr() as u64, numel, NcclDType::F32, op, stream)` followed by
+//! `synchronize(stream)`; a null stream is CUDA's legacy default stream, which libtorch uses unless
+//! told otherwise.
+//!
 //! Module map (start with `ring.rs`):
 //! - `options`   — [`GroupSpec`] (rank, world, peers, secret) and [`GroupOptions`] (deadlines, sizes)
 //! - `ring`      — [`RingGroup`]: forming the ring, all-reduce, all-gather, barrier, abort
