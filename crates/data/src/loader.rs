@@ -173,7 +173,19 @@ impl EpochStream {
 impl Iterator for EpochStream {
     type Item = MultiCropBatch;
     fn next(&mut self) -> Option<MultiCropBatch> {
-        self.rx.as_ref()?.recv().ok()
+        match self.rx.as_ref()?.recv() {
+            Ok(b) => Some(b),
+            Err(_) => {
+                // The producer is done. If it died by a panic, re-raise it here: an epoch that
+                // ends early must never look like a finished one.
+                if let Some(h) = self.handle.take()
+                    && let Err(panic) = h.join()
+                {
+                    std::panic::resume_unwind(panic);
+                }
+                None
+            }
+        }
     }
 }
 

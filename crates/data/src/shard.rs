@@ -235,6 +235,9 @@ pub struct ShardDataset {
     dir: PathBuf,
     meta: ShardMeta,
     files: Vec<File>,
+    /// Length of each shard file when opened: a record reaching past it is truncated (and a
+    /// corrupt index cannot make us allocate more than the file holds).
+    sizes: Vec<u64>,
     index: Vec<IndexEntry>,
 }
 
@@ -280,6 +283,11 @@ impl ShardDataset {
                 File::open(&p).map_err(io(&p))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let sizes = files
+            .iter()
+            .zip(&meta.shards)
+            .map(|(f, s)| f.metadata().map(|m| m.len()).map_err(io(&dir.join(s))))
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(e) = index.iter().find(|e| e.shard as usize >= files.len()) {
             return Err(bad(format!(
                 "entry names shard {} of {}",
@@ -291,6 +299,7 @@ impl ShardDataset {
             dir: dir.to_path_buf(),
             meta,
             files,
+            sizes,
             index,
         })
     }
@@ -320,6 +329,13 @@ impl Dataset for ShardDataset {
     fn read_record(&self, id: u64) -> Result<Record, RecordError> {
         let e = *self.entry(id).ok_or(RecordError::OutOfRange(id))?;
         let file = &self.files[e.shard as usize];
+        let end = e.offset + HEADER_LEN as u64 + e.len as u64;
+        if end > self.sizes[e.shard as usize] {
+            return Err(RecordError::Malformed(format!(
+                "record ends at byte {end}, past the end of its shard ({} bytes): truncated",
+                self.sizes[e.shard as usize]
+            )));
+        }
         let mut buf = vec![0u8; HEADER_LEN + e.len as usize];
         file.read_exact_at(&mut buf, e.offset)
             .map_err(|source| RecordError::Io {

@@ -106,7 +106,8 @@ fn shards_round_trip_and_detect_corruption_and_truncation() {
         .and_then(|f| f.set_len(len - 10))
         .expect("truncate");
     let ds = ShardDataset::open(&out).expect("open");
-    assert!(ds.load(9).is_err());
+    let err = ds.load(9).expect_err("truncated record");
+    assert!(err.to_string().contains("truncated"), "{err}");
 }
 
 #[test]
