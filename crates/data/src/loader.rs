@@ -113,6 +113,21 @@ impl Loader {
         b
     }
 
+    /// Evaluation images of `ids` of another data set (e.g. the k-NN train/test sets from
+    /// [`crate::open_eval`]), on this loader's threads.
+    pub fn eval_batch_of(&self, dataset: &dyn crate::Dataset, ids: &[u64]) -> EvalBatch {
+        let mut b = EvalBatch::default();
+        fill_eval_batch(
+            &self.pool,
+            dataset,
+            self.eval_resize,
+            self.eval_crop,
+            ids,
+            &mut b,
+        );
+        b
+    }
+
     /// Start producing the batches of an epoch in the background; `steps[i]` are the ordered
     /// sample ids of step `i`. Dropping the stream stops the producer.
     pub fn epoch(&self, epoch: u64, steps: Vec<Vec<u64>>) -> EpochStream {

@@ -85,6 +85,8 @@ fn eval_batch_is_contiguous_normalised_and_reports_skips() {
     // Deterministic (no randomness) and equal per image to a batch of that image alone.
     let one = loader.eval_batch(&[b.sample_ids[4] as u64]);
     assert_eq!(&b.images[4 * 3072..5 * 3072], &one.images[..]);
+    let other = loader.eval_batch_of(&*ds, &ids);
+    assert_eq!(other, b);
     // Normalised: values within the ImageNet-normalised range of [0, 1].
     assert!(b.images.iter().all(|v| (-2.2..=2.7).contains(v)));
 }
