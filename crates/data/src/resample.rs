@@ -95,6 +95,9 @@ pub struct Resampler {
     vert: Coeffs,
     tmp: Vec<u8>,
     acc: Vec<i32>,
+    /// Transposed copies for the horizontal pass (see `horizontal_then_vertical`).
+    tr_in: Vec<u8>,
+    tr_out: Vec<u8>,
 }
 
 /// A rectangle in pixels.
@@ -146,14 +149,22 @@ impl Resampler {
         self.tmp.resize(rows * row_len, 0);
         let stride = 3 * src_width;
         let start = (src_box.y + first) * stride + 3 * src_box.x;
-        horizontal_pass(
+        // The horizontal pass runs as a vertical pass over the transposed rows, so its inner
+        // loop is a contiguous multiply-add over whole columns (vectorised) instead of a short
+        // gather per output pixel. Integer sums are exact, so the result is identical.
+        self.tr_in.resize(3 * src_box.w * rows, 0);
+        transpose3(&src[start..], stride, rows, src_box.w, &mut self.tr_in);
+        self.tr_out.resize(3 * out_box.w * rows, 0);
+        vertical_pass(
             &self.horiz,
-            &src[start..],
-            stride,
+            &self.tr_in,
+            3 * rows,
             0,
-            row_len,
-            &mut self.tmp,
+            3 * rows,
+            &mut self.acc,
+            &mut self.tr_out,
         );
+        transpose3(&self.tr_out, 3 * rows, out_box.w, rows, &mut self.tmp);
         vertical_pass(
             &self.vert,
             &self.tmp,
@@ -193,8 +204,41 @@ impl Resampler {
             &mut self.acc,
             &mut self.tmp,
         );
-        let row_len = 3 * out_box.w;
-        horizontal_pass(&self.horiz, &self.tmp, tmp_row, first, row_len, dst);
+        // Horizontal pass as a vertical pass over the transposed intermediate (see
+        // `horizontal_then_vertical`); its rows start at source column `first`.
+        let h = out_box.h;
+        self.tr_in.resize(3 * cols * h, 0);
+        transpose3(&self.tmp, tmp_row, h, cols, &mut self.tr_in);
+        self.tr_out.resize(3 * out_box.w * h, 0);
+        vertical_pass(
+            &self.horiz,
+            &self.tr_in,
+            3 * h,
+            first,
+            3 * h,
+            &mut self.acc,
+            &mut self.tr_out,
+        );
+        transpose3(&self.tr_out, 3 * h, out_box.w, h, dst);
+    }
+}
+
+avx2_dispatch! {
+    /// Transpose a `rows × cols` image of 3-byte pixels (rows `stride` bytes apart in `src`)
+    /// into `dst` (`cols × rows`, packed), in cache-sized tiles.
+    fn transpose3(src: &[u8], stride: usize, rows: usize, cols: usize, dst: &mut [u8]) {
+        const TILE: usize = 32;
+        for r0 in (0..rows).step_by(TILE) {
+            for c0 in (0..cols).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    let row = &src[r * stride..];
+                    for c in c0..(c0 + TILE).min(cols) {
+                        let d = 3 * (c * rows + r);
+                        dst[d..d + 3].copy_from_slice(&row[3 * c..3 * c + 3]);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -209,42 +253,6 @@ pub fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> b
 
 fn span_end(bounds: &[(usize, usize)], first: usize) -> usize {
     bounds.iter().map(|&(s, n)| s + n).max().unwrap_or(first)
-}
-
-avx2_dispatch! {
-    /// The horizontal pass over `dst.len() / out_row` rows: input rows are `stride` bytes
-    /// apart in `input` and start at source column `col0`.
-    fn horizontal_pass(
-        c: &Coeffs,
-        input: &[u8],
-        stride: usize,
-        col0: usize,
-        out_row: usize,
-        dst: &mut [u8],
-    ) {
-        for (r, out) in dst.chunks_exact_mut(out_row).enumerate() {
-            horizontal_row(c, &input[r * stride..], col0, out);
-        }
-    }
-}
-
-/// One output row of the horizontal pass; `row` starts at source column `col0`.
-#[inline]
-fn horizontal_row(c: &Coeffs, row: &[u8], col0: usize, out: &mut [u8]) {
-    let half = 1i32 << (PRECISION_BITS - 1);
-    for (xx, &(xmin, taps)) in c.bounds.iter().enumerate() {
-        let k = &c.kk[xx * c.ksize..xx * c.ksize + taps];
-        let px = &row[3 * (xmin - col0)..3 * (xmin - col0 + taps)];
-        let (mut s0, mut s1, mut s2) = (half, half, half);
-        for (p, &w) in px.chunks_exact(3).zip(k) {
-            s0 += p[0] as i32 * w;
-            s1 += p[1] as i32 * w;
-            s2 += p[2] as i32 * w;
-        }
-        out[3 * xx] = clip8(s0);
-        out[3 * xx + 1] = clip8(s1);
-        out[3 * xx + 2] = clip8(s2);
-    }
 }
 
 avx2_dispatch! {
