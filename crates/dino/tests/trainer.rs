@@ -7,36 +7,9 @@ mod support;
 use std::collections::BTreeMap;
 
 use protodino_dino::replay::{ReplayOverrides, read_batch, replay, write_batch};
-use protodino_dino::{Batch, DinoError, LocalReducer};
+use protodino_dino::{DinoError, LocalReducer};
 use support::*;
 use tch::{Kind, Tensor};
-
-/// A deterministic synthetic batch: `B` images drawn from a fixed pool of `pool` prototypical
-/// images plus noise, so that there is structure to learn.
-fn synthetic_batch(step: i64, b: i64, n_local: i64) -> Batch {
-    let pool = 6;
-    let gen_img = |seed: i64, size: i64| {
-        tch::manual_seed(seed);
-        Tensor::randn([3, size, size], (Kind::Float, tch::Device::Cpu))
-    };
-    let ids: Vec<i64> = (0..b).map(|i| (step * b + i) % pool).collect();
-    let crop = |c: i64, size: i64| {
-        let imgs: Vec<Tensor> = ids
-            .iter()
-            .map(|&id| {
-                let base = gen_img(1000 + id, size);
-                tch::manual_seed(step * 1000 + c * 10 + id);
-                base + Tensor::randn([3, size, size], (Kind::Float, tch::Device::Cpu)) * 0.3
-            })
-            .collect();
-        Tensor::stack(&imgs, 0)
-    };
-    Batch {
-        global_crops: (0..2).map(|c| crop(c, 16)).collect(),
-        local_crops: (0..n_local).map(|c| crop(2 + c, 8)).collect(),
-        sample_ids: ids,
-    }
-}
 
 fn all_state(t: &TinyTrainer) -> BTreeMap<String, Tensor> {
     t.checkpoint_tensors().into_iter().collect()
@@ -250,8 +223,9 @@ fn replay_equals_the_training_step() {
 
 #[test]
 fn loss_falls_in_a_short_run() {
-    // Constant teacher temperature: with the warm-up the targets' entropy (the loss floor)
-    // would rise during the run.
+    // Fixed initial weights (the reference's), constant teacher temperature (with the warm-up
+    // the targets' entropy, the floor of the loss, would rise during the run).
+    let dir = TempDir::new("falls");
     let mut cfg = tiny_config();
     cfg.train.epochs = 30;
     cfg.optim.lr = 2.0;
@@ -259,16 +233,16 @@ fn loss_falls_in_a_short_run() {
     cfg.optim.freeze_last_layer = 0;
     cfg.loss.warmup_teacher_temp_epochs = 0;
     cfg.loss.teacher_temp = 0.04;
-    let mut t = tiny_trainer(cfg);
+    let mut t = golden_tiny_trainer_with(&dir.0, cfg);
     let mut losses = Vec::new();
-    for s in 0..60 {
+    for s in 0..16 {
         let m = t
             .train_step(&synthetic_batch(s, 2, 2), &LocalReducer)
             .unwrap();
         losses.push(m.dino_loss);
     }
     let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
-    let (head, tail) = (mean(&losses[..10]), mean(&losses[50..]));
-    println!("tiny run dino loss: first 10 mean {head:.4}, last 10 mean {tail:.4}");
-    assert!(tail < 0.8 * head, "loss did not fall: {losses:?}");
+    let (head, tail) = (mean(&losses[..4]), mean(&losses[12..]));
+    println!("tiny run dino loss: first 4 steps mean {head:.4}, last 4 mean {tail:.4}");
+    assert!(tail < 0.5 * head, "loss did not fall: {losses:?}");
 }

@@ -172,6 +172,11 @@ pub fn tiny_trainer(cfg: TrainConfig) -> TinyTrainer {
 /// A tiny trainer initialised with the reference's initial weights, loaded as an
 /// official-style checkpoint holding only `student.*` and `teacher.*`.
 pub fn golden_tiny_trainer(dir: &Path) -> TinyTrainer {
+    golden_tiny_trainer_with(dir, tiny_config())
+}
+
+/// [`golden_tiny_trainer`] with another configuration (same network sizes).
+pub fn golden_tiny_trainer_with(dir: &Path, cfg: TrainConfig) -> TinyTrainer {
     let fx = load("tiny_step.safetensors");
     let mut tensors = Vec::new();
     for (k, v) in &fx {
@@ -182,7 +187,7 @@ pub fn golden_tiny_trainer(dir: &Path) -> TinyTrainer {
     }
     let path = dir.join("init.safetensors");
     protodino_dino::io::save_tensors(&path, &tensors, &BTreeMap::new()).unwrap();
-    let mut t = tiny_trainer(tiny_config());
+    let mut t = tiny_trainer(cfg);
     let loaded = t.load_checkpoint(&path).unwrap();
     assert!(loaded.meta.is_none() && !loaded.had_optimizer_state && !loaded.had_center);
     t
@@ -215,5 +220,34 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A deterministic synthetic batch: `B` images drawn from a fixed pool of 6 prototypical
+/// images plus a perturbation, so that there is structure to learn. Built from closed-form
+/// patterns, not libtorch's global generator (tests run in parallel threads).
+pub fn synthetic_batch(step: i64, b: i64, n_local: i64) -> protodino_dino::Batch {
+    let pool = 6;
+    let pattern = |freq: f64, phase: f64, size: i64| {
+        (Tensor::arange(3 * size * size, (Kind::Float, tch::Device::Cpu)) * freq + phase)
+            .sin()
+            .reshape([3, size, size])
+    };
+    let ids: Vec<i64> = (0..b).map(|i| (step * b + i) % pool).collect();
+    let crop = |c: i64, size: i64| {
+        let imgs: Vec<Tensor> = ids
+            .iter()
+            .map(|&id| {
+                let base = pattern(0.37 * (id + 1) as f64, 0.0, size);
+                let noise = pattern(1.7 + 0.01 * c as f64, (step * 13 + c * 7 + id) as f64, size);
+                base + noise * 0.3
+            })
+            .collect();
+        Tensor::stack(&imgs, 0)
+    };
+    protodino_dino::Batch {
+        global_crops: (0..2).map(|c| crop(c, 16)).collect(),
+        local_crops: (0..n_local).map(|c| crop(2 + c, 8)).collect(),
+        sample_ids: ids,
     }
 }
