@@ -50,3 +50,27 @@ pub fn use_bf16_autocast() {
     // the symbol exists in every libtorch 2.x (checked with `nm -D` for 2.11.0).
     unsafe { at_autocast_set_autocast_dtype(C10_DEVICE_CUDA, C10_SCALAR_BFLOAT16) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert_eq!(parse_device("cuda").unwrap(), Device::Cuda(0));
+        assert_eq!(parse_device("cuda:3").unwrap(), Device::Cuda(3));
+        assert!(parse_device("tpu").is_err());
+    }
+
+    #[test]
+    fn bf16_autocast_switch_links_and_runs() {
+        // Sets the CUDA autocast dtype of this thread; links against libtorch_cpu's symbol and
+        // must not disturb CPU computation.
+        use_bf16_autocast();
+        let x = Tensor::ones([2, 2], (tch::Kind::Float, Device::Cpu));
+        let y = tch::autocast(true, || x.mm(&x));
+        assert_eq!(y.kind(), tch::Kind::Float);
+        assert_eq!(y.double_value(&[0, 0]), 2.0);
+    }
+}
