@@ -1,14 +1,39 @@
-//! Backbones of protodino, written in `tch` so that parameter paths equal the official PyTorch
-//! `state_dict` names (`cls_token`, `pos_embed`, `patch_embed.proj.weight`,
-//! `blocks.0.attn.qkv.weight`, … for the DINO ViT; torchvision names for ResNet).
+//! Backbones and the DINO head of protodino, written in `tch` so that parameter paths equal the
+//! official PyTorch `state_dict` names (`cls_token`, `pos_embed`, `patch_embed.proj.weight`,
+//! `blocks.0.attn.qkv.weight`, … for the DINO ViT; torchvision names for ResNet;
+//! `head.mlp.0.weight` … `head.last_layer.weight_g/weight_v` for the head).
 //!
-//! The interface the DINO step uses is [`Backbone`] and [`build_backbone`]; everything else in
-//! this crate is an implementation of it.
+//! The interface the DINO step uses is [`MultiCrop`] (built by [`MultiCrop::new`] from the
+//! configuration), [`Backbone`] and [`build_backbone`]. Module map:
+//!
+//! * [`vit`] — the DINO Vision Transformer ([`VisionTransformer`], [`VitParams`]), bicubic
+//!   position-embedding interpolation, intermediate layers for the linear probe;
+//! * [`resnet`] — torchvision ResNet-18/50 ([`ResNet`], [`ResNetParams`]), small-input stem;
+//! * [`head`] — the DINO projection head with the weight-normalised prototype layer ([`DinoHead`]);
+//! * [`multicrop`] — the multi-crop wrapper, crops grouped by resolution, crop-major rows;
+//! * [`drop_path`] — stochastic depth from a counter-based hash of (seed, step, sample, crop, block);
+//! * [`layers`] — Linear / LayerNorm / BatchNorm / Conv2d with PyTorch names and inits;
+//! * [`weights`] — safetensors files with metadata (atomic writes) and loading into a VarStore.
 
-use tch::Tensor;
+use protodino_config::{Arch, ModelConfig};
+use tch::{Tensor, nn};
+
+pub mod drop_path;
+pub mod head;
+pub mod layers;
+pub mod multicrop;
+pub mod resnet;
+pub mod vit;
+pub mod weights;
+
+pub use head::DinoHead;
+pub use multicrop::MultiCrop;
+pub use resnet::{ResNet, ResNetParams};
+pub use vit::{VisionTransformer, VitParams};
+pub use weights::WeightsError;
 
 /// Per-forward context. Stochastic depth draws its per-sample keep mask from
-/// `(seed, step, sample_id, block)` only, so a sample gets the same mask whichever worker and
+/// `(seed, step, sample_id, crop, block)` only (see [`drop_path`]), so a sample gets the same mask whichever worker and
 /// batch slot processes it, and results do not depend on how a batch is split over workers.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardCtx<'a> {
@@ -46,4 +71,40 @@ pub trait Backbone: Send + std::fmt::Debug {
     /// Linear-probe features: ViT → CLS tokens (after the final norm) of the last `n` blocks
     /// concatenated, plus the mean patch token of the last block when `avgpool`; ResNet → pooled.
     fn forward_probe(&self, x: &Tensor, n_last_blocks: i64, avgpool: bool) -> Tensor;
+}
+
+/// The ViT hyper-parameters of a configuration (None for ResNets). `drop_path` selects the
+/// student's schedule (`model.drop_path_rate`); the teacher gets 0.
+pub fn vit_params(cfg: &ModelConfig, drop_path: bool) -> Option<VitParams> {
+    let mut p = match cfg.arch {
+        Arch::VitTiny => VitParams::tiny(cfg.patch_size, cfg.img_size),
+        Arch::VitSmall => VitParams::small(cfg.patch_size, cfg.img_size),
+        Arch::VitBase => VitParams::base(cfg.patch_size, cfg.img_size),
+        Arch::Resnet18 | Arch::Resnet50 => return None,
+    };
+    if cfg.depth > 0 {
+        p.depth = cfg.depth;
+    }
+    p.drop_path_rate = if drop_path { cfg.drop_path_rate } else { 0.0 };
+    Some(p)
+}
+
+/// The backbone of a configuration, its variables created under `vs` (e.g. `student/backbone`).
+/// `drop_path`: student (true, rate from the config) or teacher (false, rate 0). ResNets have no
+/// drop path.
+pub fn build_backbone(vs: &nn::Path, cfg: &ModelConfig, drop_path: bool) -> Box<dyn Backbone> {
+    match cfg.arch {
+        Arch::Resnet18 => Box::new(ResNet::new(
+            vs,
+            &ResNetParams::resnet18(cfg.small_input_stem),
+        )),
+        Arch::Resnet50 => Box::new(ResNet::new(
+            vs,
+            &ResNetParams::resnet50(cfg.small_input_stem),
+        )),
+        _ => {
+            let p = vit_params(cfg, drop_path).expect("a ViT architecture");
+            Box::new(VisionTransformer::new(vs, &p))
+        }
+    }
 }
