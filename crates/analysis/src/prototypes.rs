@@ -205,14 +205,15 @@ pub fn l2_normalize_rows(x: &Tensor) -> Result<Tensor> {
     Ok(x.f_div(&norm)?)
 }
 
-/// Read all tensors of a safetensors file.
-///
-/// Uses libtorch's reader through `tch` (dtype-preserving; f16/bf16/f32/f64 all load).
+/// Read all tensors of a safetensors file with the project's one reader
+/// (`protodino_models::weights::load`; dtypes kept, metadata ignored here).
 pub fn read_named_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    Tensor::read_safetensors(path).map_err(|e| AnalysisError::ReadWeights {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
+    protodino_models::weights::load(path)
+        .map(|(tensors, _metadata)| tensors)
+        .map_err(|e| AnalysisError::ReadWeights {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
 }
 
 impl Prototypes {
