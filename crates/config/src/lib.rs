@@ -85,6 +85,9 @@ pub struct ModelConfig {
     pub drop_path_rate: f64,
     /// ResNet only: CIFAR-style stem (3×3 stride-1 conv, no max-pool) for 32–96 px inputs.
     pub small_input_stem: bool,
+    /// ViT only: number of blocks; 0 = the architecture's (12). Fewer blocks make the
+    /// small-image variants that train on two CPU cores.
+    pub depth: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

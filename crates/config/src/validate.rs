@@ -65,6 +65,7 @@ impl TrainConfig {
             }
         }
         float_in("model.drop_path_rate", m.drop_path_rate, 0.0, 0.9)?;
+        int_in("model.depth", m.depth, 0, 64)?;
 
         let h = &self.head;
         int_in("head.out_dim", h.out_dim, 2, 1 << 20)?;
