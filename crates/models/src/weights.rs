@@ -14,6 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use tch::{Device, Kind, Tensor, nn};
 
+/// Named tensors in file order, as [`load`] returns them.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// Errors of reading, writing and loading weight files.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -113,9 +116,7 @@ pub fn save(
 
 /// Read every tensor (on the CPU, in its stored dtype) and the string metadata of a safetensors
 /// file. Tensors come back in the file's order (sorted by data offset).
-pub fn load(
-    path: &Path,
-) -> Result<(Vec<(String, Tensor)>, BTreeMap<String, String>), WeightsError> {
+pub fn load(path: &Path) -> Result<(NamedTensors, BTreeMap<String, String>), WeightsError> {
     let io_err = |source| WeightsError::Io {
         path: path.to_path_buf(),
         source,

@@ -5,13 +5,13 @@
 use std::path::PathBuf;
 
 use protodino_config::HeadConfig;
-use protodino_models::weights;
+use protodino_models::weights::{self, NamedTensors};
 use protodino_models::{
     Backbone, DinoHead, ForwardCtx, ResNet, ResNetParams, VisionTransformer, VitParams,
 };
 use tch::{Kind, Tensor, nn};
 
-fn fixture(name: &str) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+fn fixture(name: &str) -> (NamedTensors, NamedTensors) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
