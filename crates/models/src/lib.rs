@@ -73,7 +73,8 @@ pub trait Backbone: Send + std::fmt::Debug {
     fn forward_probe(&self, x: &Tensor, n_last_blocks: i64, avgpool: bool) -> Tensor;
 }
 
-/// The ViT hyper-parameters of a configuration (None for ResNets). `drop_path` selects the
+/// The ViT hyper-parameters of a configuration (None for ResNets); `model.depth > 0` overrides
+/// the architecture's 12 blocks. `drop_path` selects the
 /// student's schedule (`model.drop_path_rate`); the teacher gets 0.
 pub fn vit_params(cfg: &ModelConfig, drop_path: bool) -> Option<VitParams> {
     let mut p = match cfg.arch {
@@ -82,6 +83,9 @@ pub fn vit_params(cfg: &ModelConfig, drop_path: bool) -> Option<VitParams> {
         Arch::VitBase => VitParams::base(cfg.patch_size, cfg.img_size),
         Arch::Resnet18 | Arch::Resnet50 => return None,
     };
+    if cfg.depth > 0 {
+        p.depth = cfg.depth;
+    }
     if cfg.depth > 0 {
         p.depth = cfg.depth;
     }

@@ -17,6 +17,7 @@ arch = "vit_tiny"
 patch_size = 16
 img_size = 32
 drop_path_rate = 0.5
+depth = 12
 [head]
 out_dim = 32
 hidden_dim = 16
@@ -141,6 +142,17 @@ fn multicrop_variables_have_official_names() {
     let v = &vars["student.head.last_layer.weight_v"];
     assert!(v.abs().max().double_value(&[]) <= 1.0 / 8f64.sqrt());
     assert!(vs.trainable_variables().len() == vars.len() - 1);
+}
+
+#[test]
+fn model_depth_overrides_the_block_count() {
+    let mut cfg = tiny_cfg();
+    cfg.model.depth = 2;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = MultiCrop::new(&(vs.root() / "student"), &cfg.model, &cfg.head, true);
+    let vars = vs.variables();
+    assert!(vars.contains_key("student.backbone.blocks.1.norm1.weight"));
+    assert!(!vars.contains_key("student.backbone.blocks.2.norm1.weight"));
 }
 
 #[test]
