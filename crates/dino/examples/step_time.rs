@@ -1,8 +1,8 @@
 //! Time of one DINO + KoLeo-proto training step of ViT-S/16 (official head, K = 65536) at
 //! 2×224 + 10×96 crops, on the CPU.
 //!
-//! `cargo run --release -p protodino-dino --example step_time -- [batch] [threads] [steps] [K]`
-//! (defaults 8, 2, 3, 65536). Random normalised inputs; the first step is reported separately
+//! `cargo run --release -p protodino-dino --example step_time -- [batch] [threads] [steps] [K]
+//! [koleo_weight]` (defaults 8, 2, 3, 65536, 0.1; weight 0 skips KoLeo-proto). Random normalised inputs; the first step is reported separately
 //! (allocator warm-up).
 
 use protodino_config::TrainConfig;
@@ -10,8 +10,14 @@ use protodino_dino::{Batch, DinoTrainer, LocalReducer};
 use tch::{Device, Kind, Tensor};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<i64> = std::env::args()
-        .skip(1)
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let koleo_weight = match raw.get(4) {
+        Some(w) => w.parse::<f64>()?,
+        None => 0.1,
+    };
+    let args: Vec<i64> = raw
+        .iter()
+        .take(4)
         .map(|a| a.parse::<i64>())
         .collect::<Result<_, _>>()?;
     let b = *args.first().unwrap_or(&8);
@@ -24,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.crops.local_crops_number = 10;
     cfg.train.batch_size_per_worker = b;
     cfg.optim.freeze_last_layer = 0;
+    cfg.koleo.weight = koleo_weight;
     let mut trainer = DinoTrainer::from_config(cfg, 1000, 1)?;
     let n_params: i64 = trainer
         .trainable()
