@@ -12,6 +12,8 @@ compare against:
 * koleo.safetensors     KoLeo-proto on a 64x16 weight-normalised prototype layer with a
                         duplicated prototype (and a second, exact duplicate): value, distances,
                         neighbour indices, grads wrt weight_v and weight_g.
+* sgd_lars.safetensors  two SGD and two LARS steps (lr 0.1 then 0.05, wd 0.04 then 0.3) on a
+                        weight [4, 3] and a bias [4].
 * schedules.json        lr / wd / momentum / teacher temperature at chosen iterations for the
                         official ViT-S/16 recipe (numpy `cosine_scheduler` as in main_dino.py).
 * tiny_step.safetensors + tiny_step.json
@@ -335,11 +337,71 @@ def golden_tiny_step(out):
     (out / "tiny_step.json").write_text(json.dumps({"config": c, "steps": steps}, indent=1))
 
 
+class LARS(torch.optim.Optimizer):
+    """The official DINO LARS (ALGORITHM.md §1.7): no decay and no trust ratio for 1-D params."""
+
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                if p.ndim != 1:
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.,
+                                    torch.where(update_norm > 0, (g["eta"] * param_norm / update_norm), one),
+                                    one)
+                    dp = dp.mul(q)
+                param_state = self.state[p]
+                if "mu" not in param_state:
+                    param_state["mu"] = torch.zeros_like(p)
+                mu = param_state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def golden_sgd_lars(out):
+    """Two steps of SGD (momentum 0.9, coupled wd) and LARS on a weight [4, 3] and a bias [4]."""
+    g = torch.Generator().manual_seed(14)
+    w0 = torch.randn(4, 3, generator=g)
+    b0 = torch.randn(4, generator=g)
+    grads = [(torch.randn(4, 3, generator=g), torch.randn(4, generator=g)) for _ in range(2)]
+    tensors = {"w0": w0, "b0": b0}
+    for i, (gw, gb) in enumerate(grads):
+        tensors[f"grad{i}.w"] = gw
+        tensors[f"grad{i}.b"] = gb
+    for name, make in [("sgd", lambda groups: torch.optim.SGD(groups, lr=0, momentum=0.9)),
+                       ("lars", lambda groups: LARS(groups))]:
+        w = w0.clone().requires_grad_(True)
+        b = b0.clone().requires_grad_(True)
+        opt = make([{"params": [w]}, {"params": [b], "weight_decay": 0.0}])
+        for i, (gw, gb) in enumerate(grads):
+            for j, pg in enumerate(opt.param_groups):
+                pg["lr"] = [0.1, 0.05][i]
+                if j == 0:
+                    pg["weight_decay"] = [0.04, 0.3][i]
+            w.grad = gw.clone()
+            b.grad = gb.clone()
+            opt.step()
+        tensors[f"{name}.w"] = w
+        tensors[f"{name}.b"] = b
+    save_file(st(tensors), str(out / "sgd_lars.safetensors"))
+
+
 def main():
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     golden_loss(out)
     golden_koleo(out)
+    golden_sgd_lars(out)
     golden_schedules(out)
     golden_tiny_step(out)
 

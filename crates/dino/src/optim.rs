@@ -178,9 +178,11 @@ impl Optimizer {
             let update_norm = dp.norm();
             let one = param_norm.ones_like();
             let trust = (&param_norm * LARS_ETA) / &update_norm;
-            let q = param_norm
-                .gt(0.0)
-                .where_self(&update_norm.gt(0.0).where_self(&trust, &one), &one);
+            // `torch.where(‖p‖ > 0, torch.where(‖d‖ > 0, trust, 1), 1)`; tch's
+            // `a.where_self(cond, b)` is `torch.where(cond, a, b)`.
+            let q = trust
+                .where_self(&update_norm.gt(0.0), &one)
+                .where_self(&param_norm.gt(0.0), &one);
             dp *= q;
         }
         let st = self

@@ -244,3 +244,39 @@ fn three_tiny_steps_match_pytorch() {
     report("EMA teacher after 3 steps", t_err);
     let _ = Kind::Float;
 }
+
+#[test]
+fn sgd_and_lars_two_steps_match_pytorch() {
+    use protodino_config::OptimizerKind;
+    let fx = load("sgd_lars.safetensors");
+    for (kind, tag) in [(OptimizerKind::Sgd, "sgd"), (OptimizerKind::Lars, "lars")] {
+        let mut cfg = protodino_config::TrainConfig::defaults().unwrap().optim;
+        cfg.optimizer = kind;
+        let mut opt = protodino_dino::Optimizer::new(&cfg);
+        let w = fx["w0"].detach().copy().set_requires_grad(true);
+        let b = fx["b0"].detach().copy().set_requires_grad(true);
+        let params = vec![
+            ("net.fc.weight".to_string(), w.shallow_clone()),
+            ("net.fc.bias".to_string(), b.shallow_clone()),
+        ];
+        for (i, (lr, wd)) in [(0.1, 0.04), (0.05, 0.3)].into_iter().enumerate() {
+            // Give the parameters their gradients through a backward pass.
+            for (_, p) in &params {
+                let mut p = p.shallow_clone();
+                p.zero_grad();
+            }
+            let loss = (&w * &fx[&format!("grad{i}.w")]).sum(Kind::Float)
+                + (&b * &fx[&format!("grad{i}.b")]).sum(Kind::Float);
+            loss.backward();
+            opt.step(&params, lr, wd, |_| false).unwrap();
+        }
+        report(
+            &format!("{tag} weight after 2 steps"),
+            max_rel_err(&w, &fx[&format!("{tag}.w")], 1e-6),
+        );
+        report(
+            &format!("{tag} bias after 2 steps"),
+            max_rel_err(&b, &fx[&format!("{tag}.b")], 1e-6),
+        );
+    }
+}
