@@ -26,6 +26,9 @@ pub struct DinoLossOutput {
     /// `ℓ(a, v)` (detached scalars) for every used pair, in the official summation order
     /// (`a` outer, `v` inner). Kept as tensors so that no device sync happens per pair.
     pub pair_terms: Vec<((i64, i64), Tensor)>,
+    /// Mean entropy (nats) of the centred, sharpened teacher targets (detached scalar);
+    /// `loss − target_entropy` is the mean KL(teacher ‖ student).
+    pub target_entropy: Tensor,
 }
 
 /// The DINO loss module: the temperatures, the number of crops and the centre buffer.
@@ -85,6 +88,12 @@ impl DinoLoss {
         let teacher_out = ((teacher_output.to_kind(Kind::Float) - &self.center) / teacher_temp)
             .softmax(-1, Kind::Float)
             .detach();
+        // Mean entropy of the targets: each teacher crop meets V − 1 student crops, so the loss
+        // is exactly this plus the mean KL(teacher ‖ student) that training lowers.
+        let target_entropy = -teacher_out
+            .xlogy(&teacher_out)
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .mean(Kind::Float);
         let teacher_out = teacher_out.chunk(2, 0);
         let mut total: Option<Tensor> = None;
         let mut pair_terms = Vec::with_capacity(2 * self.n_crops as usize - 2);
@@ -105,7 +114,11 @@ impl DinoLoss {
         }
         let n_terms = pair_terms.len() as f64;
         let loss = total.ok_or_else(|| DinoError::Shape("no loss pairs (V < 2)".into()))? / n_terms;
-        Ok(DinoLossOutput { loss, pair_terms })
+        Ok(DinoLossOutput {
+            loss,
+            pair_terms,
+            target_entropy,
+        })
     }
 
     /// `c ← m_c·c + (1 − m_c)·c_batch` from the raw teacher logits `[2B, K]` of this worker;
@@ -136,5 +149,38 @@ fn dims2(t: &Tensor, what: &str) -> Result<(i64, i64)> {
     match t.size().as_slice() {
         [r, k] => Ok((*r, *k)),
         s => Err(DinoError::Shape(format!("{what} must be 2-D, got {s:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_is_target_entropy_plus_a_non_negative_kl() {
+        let (k, b, v) = (16, 3, 4);
+        let loss = DinoLoss::new(k, v, 0.1, 0.9, Device::Cpu);
+        // Uniform targets: entropy ln K.
+        let t = Tensor::zeros([2 * b, k], (Kind::Float, Device::Cpu));
+        let s = Tensor::randn([v * b, k], (Kind::Float, Device::Cpu));
+        let out = loss.loss(&s, &t, 0.04).unwrap();
+        let h = out.target_entropy.double_value(&[]);
+        assert!((h - (k as f64).ln()).abs() < 1e-5, "{h}");
+        // Sharp targets: the loss still exceeds the entropy (KL ≥ 0), and equals it when the
+        // student reproduces the targets exactly.
+        let t = Tensor::randn([2 * b, k], (Kind::Float, Device::Cpu));
+        let out = loss.loss(&s, &t, 0.04).unwrap();
+        let (l, h) = (
+            out.loss.double_value(&[]),
+            out.target_entropy.double_value(&[]),
+        );
+        assert!(h > 0.0 && l > h, "loss {l} entropy {h}");
+        let same = (&t / 0.04 * 0.1).repeat([v / 2, 1]);
+        let out = loss.loss(&same, &t, 0.04).unwrap();
+        let (l, h) = (
+            out.loss.double_value(&[]),
+            out.target_entropy.double_value(&[]),
+        );
+        assert!(l > h, "crops see the other global crop's target: KL > 0");
     }
 }

@@ -97,6 +97,10 @@ pub struct StepMetrics {
     #[serde(flatten)]
     pub schedule: ScheduleValues,
     pub dino_loss: f64,
+    /// Mean entropy of the teacher targets; `dino_loss − teacher_entropy` is the mean
+    /// KL(teacher ‖ student), the part of the loss the student can lower (the entropy rises
+    /// as the centre flattens the targets, so the raw loss need not fall early in training).
+    pub teacher_entropy: f64,
     /// `L_KP` (0 when λ = 0: not computed).
     pub koleo_proto: f64,
     /// `L_DINO + λ·L_KP`.
@@ -120,6 +124,8 @@ pub struct StepMetrics {
 pub struct StepLosses {
     pub schedule: ScheduleValues,
     pub dino_loss: Tensor,
+    /// Mean entropy of the teacher targets (see [`crate::loss::DinoLossOutput`]).
+    pub target_entropy: Tensor,
     pub koleo: Option<crate::koleo::KoleoOutput>,
     pub total: Tensor,
     pub teacher_output: Tensor,
@@ -276,6 +282,7 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         Ok(StepLosses {
             schedule: sv,
             dino_loss: dino.loss,
+            target_entropy: dino.target_entropy,
             koleo,
             total,
             teacher_output,
@@ -297,6 +304,7 @@ impl<N: DinoNetwork> DinoTrainer<N> {
     ) -> Result<StepMetrics> {
         let losses = self.losses(batch, sv)?;
         let dino_loss = losses.dino_loss.double_value(&[]);
+        let teacher_entropy = losses.target_entropy.double_value(&[]);
         let koleo_proto = losses
             .koleo
             .as_ref()
@@ -345,6 +353,7 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         Ok(StepMetrics {
             schedule: sv,
             dino_loss,
+            teacher_entropy,
             koleo_proto,
             total,
             grad_norm,
