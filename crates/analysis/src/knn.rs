@@ -46,6 +46,10 @@ pub struct KnnResult {
     pub k: i64,
     pub top1: f64,
     pub top5: f64,
+    /// Top-1 accuracy (percent) of each class's test images, indexed by label; `None` for a
+    /// label with no test image. Long-tailed studies read head and tail accuracy from it.
+    #[serde(default)]
+    pub per_class_top1: Vec<Option<f64>>,
 }
 
 /// The JSON-serialisable k-NN report.
@@ -140,6 +144,12 @@ pub fn knn_classify(
     let per_chunk = (n_test / opts.num_chunks).max(1);
     let mut top1 = vec![0i64; opts.ks.len()];
     let mut top5 = vec![0i64; opts.ks.len()];
+    let mut class_correct = vec![vec![0i64; num_classes as usize]; opts.ks.len()];
+    let class_count: Vec<i64> = Vec::<i64>::try_from(
+        &test_labels
+            .f_bincount(None::<&Tensor>, num_classes)?
+            .f_to_kind(Kind::Int64)?,
+    )?;
     let mut start = 0;
     while start < n_test {
         let b = per_chunk.min(n_test - start);
@@ -158,10 +168,16 @@ pub fn knn_classify(
             )?;
             let (_, predictions) = scores.f_sort_stable(true, 1, true)?;
             let correct = predictions.f_eq_tensor(&targets)?;
-            top1[i] += correct
-                .f_narrow(1, 0, 1)?
-                .f_sum(Kind::Int64)?
-                .f_int64_value(&[])?;
+            let first = correct.f_narrow(1, 0, 1)?.f_reshape([b])?;
+            top1[i] += first.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+            let hits = Tensor::f_zeros([num_classes], (Kind::Int64, cpu))?.f_scatter_add(
+                0,
+                &targets.f_reshape([b])?,
+                &first.f_to_kind(Kind::Int64)?,
+            )?;
+            for (c, h) in Vec::<i64>::try_from(&hits)?.into_iter().enumerate() {
+                class_correct[i][c] += h;
+            }
             let five = 5.min(k).min(num_classes);
             top5[i] += correct
                 .f_narrow(1, 0, five)?
@@ -184,6 +200,11 @@ pub fn knn_classify(
                 k,
                 top1: pct(top1[i]),
                 top5: pct(top5[i]),
+                per_class_top1: class_correct[i]
+                    .iter()
+                    .zip(&class_count)
+                    .map(|(&c, &n)| (n > 0).then(|| c as f64 * 100.0 / n as f64))
+                    .collect(),
             })
             .collect(),
     })

@@ -18,9 +18,10 @@ fn brute_force(
     k: usize,
     t: f64,
     classes: usize,
-) -> (f64, f64) {
+) -> (f64, f64, Vec<Option<f64>>) {
     let train: Vec<Vec<f64>> = train.iter().map(|v| normalize(v)).collect();
     let (mut top1, mut top5) = (0, 0);
+    let (mut hit, mut count) = (vec![0usize; classes], vec![0usize; classes]);
     for (x, &y) in test.iter().zip(test_y) {
         let x = normalize(x);
         let mut sims: Vec<(f64, usize)> = train
@@ -36,10 +37,17 @@ fn brute_force(
         let mut order: Vec<usize> = (0..classes).collect();
         order.sort_by(|&a, &b| score[b].total_cmp(&score[a])); // stable: ties by index
         top1 += (order[0] as i64 == y) as usize;
+        count[y as usize] += 1;
+        hit[y as usize] += (order[0] as i64 == y) as usize;
         top5 += order[..5.min(k).min(classes)].contains(&(y as usize)) as usize;
     }
     let n = test.len() as f64;
-    (top1 as f64 * 100.0 / n, top5 as f64 * 100.0 / n)
+    let per_class = hit
+        .iter()
+        .zip(&count)
+        .map(|(&h, &c)| (c > 0).then(|| h as f64 * 100.0 / c as f64))
+        .collect();
+    (top1 as f64 * 100.0 / n, top5 as f64 * 100.0 / n, per_class)
 }
 
 #[test]
@@ -80,7 +88,7 @@ fn matches_brute_force() {
     .unwrap();
     assert_eq!(report.num_classes, classes as i64);
     for r in &report.results {
-        let (t1, t5) = brute_force(
+        let (t1, t5, per_class) = brute_force(
             &train,
             &train_y,
             &test,
@@ -90,6 +98,13 @@ fn matches_brute_force() {
             classes,
         );
         assert_eq!((r.top1, r.top5), (t1, t5), "k = {}", r.k);
+        assert_eq!(r.per_class_top1.len(), classes);
+        for (c, (a, b)) in r.per_class_top1.iter().zip(&per_class).enumerate() {
+            match (a, b) {
+                (Some(a), Some(b)) => assert!((a - b).abs() < 1e-9, "class {c}: {a} vs {b}"),
+                _ => assert_eq!(a, b, "class {c}"),
+            }
+        }
     }
     assert!(report.results[2].top1 > 30.0 && report.results[2].top1 < 100.0);
 }

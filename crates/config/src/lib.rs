@@ -191,7 +191,8 @@ pub struct DataConfig {
     /// Labelled evaluation images for k-NN (same format). Empty: no evaluation.
     pub eval_train: String,
     pub eval_test: String,
-    /// Use only the first N training images of the (deterministically ordered) set; 0 = all.
+    /// Use only N evenly spaced training images of the (deterministically ordered) set, which
+    /// keeps a class-ordered set's class proportions; 0 = all.
     pub limit: i64,
     /// Decode/augment threads.
     pub num_threads: i64,
@@ -238,6 +239,9 @@ pub struct EvalConfig {
     pub unique_eps: Vec<f64>,
     /// Compute collapse figures every N steps (0 = only at the end).
     pub analysis_every_steps: i64,
+    /// Training images (evenly spaced, eval transform) whose teacher assignments give the
+    /// prototype-usage figures of each analysis (MLCD, entropy, clusters used); 0 = none.
+    pub usage_images: i64,
 }
 
 impl TrainConfig {

@@ -208,6 +208,7 @@ impl TrainConfig {
             0,
             i64::MAX,
         )?;
+        int_in("eval.usage_images", e.usage_images, 0, 10_000_000)?;
 
         if m.arch == Arch::Resnet50 && m.small_input_stem && c.global_crop_size > 128 {
             return Err(err(

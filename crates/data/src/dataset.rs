@@ -150,7 +150,9 @@ pub fn raw_record(width: usize, height: usize, channels: usize, pixels: &[u8]) -
     }
 }
 
-/// The first `limit` records of a data set (`DataConfig::limit`).
+/// `limit` evenly spaced records of a data set (`DataConfig::limit`): new id `i` is inner id
+/// `⌊i·n/limit⌋`. Evenly spaced rather than the first `limit`, so a class-ordered set (an
+/// ImageFolder, a long-tailed subset) keeps its class proportions.
 pub struct Limited {
     inner: SharedDataset,
     len: usize,
@@ -165,6 +167,11 @@ impl Limited {
         };
         Self { inner, len }
     }
+
+    /// The inner id of new id `id` (`id < len`).
+    fn inner_id(&self, id: u64) -> u64 {
+        (id as u128 * self.inner.len() as u128 / self.len as u128) as u64
+    }
 }
 
 impl Dataset for Limited {
@@ -173,7 +180,7 @@ impl Dataset for Limited {
     }
     fn label(&self, id: u64) -> i64 {
         if id < self.len as u64 {
-            self.inner.label(id)
+            self.inner.label(self.inner_id(id))
         } else {
             -1
         }
@@ -185,7 +192,7 @@ impl Dataset for Limited {
         if id >= self.len as u64 {
             return Err(RecordError::OutOfRange(id));
         }
-        self.inner.read_record(id)
+        self.inner.read_record(self.inner_id(id))
     }
     fn ignored_entries(&self) -> &[String] {
         self.inner.ignored_entries()

@@ -43,5 +43,5 @@ pub use error::DataError;
 pub use eval::EvalBatch;
 pub use loader::{EpochStream, Loader};
 pub use multicrop::{MultiCrop, MultiCropBatch};
-pub use open::{open_dataset, open_eval, open_train};
+pub use open::{open_dataset, open_eval, open_train, resolve_data_path};
 pub use rng::{CounterRng, epoch_permutation};

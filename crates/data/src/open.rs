@@ -7,6 +7,10 @@
 //! both empty *and* training uses the default set, the Fashion-MNIST train/test shards are used
 //! (their labels were kept for exactly this); with a user training set, empty means no
 //! evaluation, as the config documents.
+//!
+//! A relative path that does not exist relative to the working directory is looked up under the
+//! data root, so configurations can name provisioned sets portably (e.g.
+//! `data.train = "fashion-mnist/train-lt100"`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +38,17 @@ pub fn open_dataset(format: DatasetFormat, path: &Path) -> Result<SharedDataset,
     })
 }
 
+/// A configured path: as given when absolute or present relative to the working directory,
+/// else under the data root.
+pub fn resolve_data_path(path: &str, data_root: &Path) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() || p.exists() {
+        p.to_path_buf()
+    } else {
+        data_root.join(p)
+    }
+}
+
 /// The training set of a configuration (with `data.limit` applied).
 pub fn open_train(cfg: &DataConfig, data_root: &Path) -> Result<SharedDataset, DataError> {
     if cfg.limit < 0 {
@@ -42,7 +57,7 @@ pub fn open_train(cfg: &DataConfig, data_root: &Path) -> Result<SharedDataset, D
     let ds = if cfg.train.is_empty() {
         open_dataset(DatasetFormat::Shards, &data_root.join(FASHION_MNIST_TRAIN))?
     } else {
-        open_dataset(cfg.format, Path::new(&cfg.train))?
+        open_dataset(cfg.format, &resolve_data_path(&cfg.train, data_root))?
     };
     Ok(Arc::new(Limited::new(ds, cfg.limit as usize)))
 }
@@ -62,8 +77,8 @@ pub fn open_eval(
         }
         (true, true) => Ok(None),
         (false, false) => Ok(Some((
-            open_dataset(cfg.format, Path::new(&cfg.eval_train))?,
-            open_dataset(cfg.format, Path::new(&cfg.eval_test))?,
+            open_dataset(cfg.format, &resolve_data_path(&cfg.eval_train, data_root))?,
+            open_dataset(cfg.format, &resolve_data_path(&cfg.eval_test, data_root))?,
         ))),
         _ => Err(DataError::Config(
             "data.eval_train and data.eval_test must be both set or both empty".into(),

@@ -44,6 +44,9 @@ fn empty_paths_mean_the_provisioned_fashion_mnist_and_limit_applies() {
         train.load(12).is_err(),
         "ids past the limit are out of range"
     );
+    // Evenly spaced: new id i is inner id 30·i/12, so labels (i % 10 inside) follow.
+    let want: Vec<i64> = (0..12).map(|i| ((i * 30 / 12) % 10) as i64).collect();
+    assert_eq!((0..12).map(|i| train.label(i)).collect::<Vec<_>>(), want);
     let (etrain, etest) = open_eval(&cfg, root.path())
         .expect("eval sets")
         .expect("default eval sets");
@@ -61,6 +64,27 @@ fn empty_paths_mean_the_provisioned_fashion_mnist_and_limit_applies() {
         ..cfg
     };
     assert!(open_eval(&half, root.path()).is_err());
+}
+
+#[test]
+fn relative_paths_missing_here_resolve_under_the_data_root() {
+    let root = data_root();
+    let cfg = DataConfig {
+        format: DatasetFormat::Shards,
+        train: FASHION_MNIST_TEST.into(),
+        eval_train: FASHION_MNIST_TEST.into(),
+        eval_test: FASHION_MNIST_TRAIN.into(),
+        ..TrainConfig::defaults().expect("defaults").data
+    };
+    assert_eq!(open_train(&cfg, root.path()).expect("resolved").len(), 10);
+    let (a, b) = open_eval(&cfg, root.path()).expect("ok").expect("sets");
+    assert_eq!((a.len(), b.len()), (10, 30));
+    // Absolute paths are taken as they are.
+    let abs = root.path().join(FASHION_MNIST_TRAIN);
+    assert_eq!(
+        protodino_data::resolve_data_path(abs.to_str().unwrap(), std::path::Path::new("/nope")),
+        abs
+    );
 }
 
 #[test]
