@@ -173,7 +173,7 @@ fn ensure_fashion_mnist_shards(dir: &Path) -> Result<()> {
 
 /// `apt-get download` a package into `dest` (running `apt-get update` once if the lists are
 /// empty), returning the .deb path. A cached .deb is reused.
-fn apt_download(package: &str, dest: &Path) -> Result<PathBuf> {
+pub(crate) fn apt_download(package: &str, dest: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dest)?;
     let find = || -> Result<Option<PathBuf>> {
         Ok(fs::read_dir(dest)?.flatten().map(|e| e.path()).find(|p| {

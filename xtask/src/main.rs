@@ -8,7 +8,9 @@
 mod data;
 mod elf;
 mod libtorch;
+mod plots;
 mod pyref;
+mod study;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -40,6 +42,16 @@ enum Cmd {
         /// Extra arguments for the training command.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// The collapse study: DINO vs DINO + KoLeo-proto (λ ∈ {0, 0.01, 0.1, 1}, K ∈ {1024, 4096}),
+    /// balanced and long-tailed, with plots and docs/results.md.
+    Study {
+        /// The short variant (4 runs, under 15 minutes); reports under the cache, not docs/.
+        #[arg(long)]
+        quick: bool,
+        /// Output directory of results.json, results.md and the figures.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Provision the Python reference environment (torch 2.11.0, torchvision) and print its python.
     Pyref,
@@ -128,6 +140,7 @@ fn main() -> Result<()> {
         Cmd::Pyref => println!("{}", pyref::ensure()?.display()),
         Cmd::Test { args } => test(args)?,
         Cmd::Demo { args } => demo(args)?,
+        Cmd::Study { quick, out } => study::study(study::StudyArgs { quick, out })?,
         Cmd::Info => {
             let root = cache_root();
             println!("cache: {}", root.display());
