@@ -71,6 +71,12 @@ pub fn all(doc: &Value, out: &Path) -> Result<Vec<(String, String)>> {
         name.to_string(),
         format!("Unique prototypes (teacher head, greedy, ε = {eps}) over training, per KoLeo-proto weight λ"),
     ));
+    let name = "prototype_spread_over_training.png";
+    nn_over_training(&runs, &out.join(name))?;
+    figs.push((
+        name.to_string(),
+        "Mean nearest-neighbour distance between the teacher's normalised prototypes over training, per λ (KoLeo-proto maximises the log of these distances)".to_string(),
+    ));
     let name = "unique_vs_eps.png";
     unique_vs_eps(&runs, &out.join(name))?;
     figs.push((
@@ -145,6 +151,73 @@ fn unique_over_training(runs: &[Value], eps: &str, path: &Path) -> Result<()> {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::LowerLeft)
+            .label_font((FONT, 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+fn nn_over_training(runs: &[Value], path: &Path) -> Result<()> {
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let ps = panels(runs);
+    let areas = root.split_evenly((1, ps.len().max(1)));
+    for (p, area) in ps.iter().zip(areas.iter()) {
+        let rs = panel_runs(runs, p);
+        let series: Vec<(f64, Vec<(f64, f64)>)> = rs
+            .iter()
+            .map(|r| {
+                let pts = r["series"]["analyses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| Some((a["step"].as_f64()?, a["nn_mean"].as_f64()?)))
+                    .collect();
+                (r["lambda"].as_f64().unwrap_or(0.0), pts)
+            })
+            .collect();
+        let all = series.iter().flat_map(|(_, p)| p.iter().map(|x| x.1));
+        let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), y| {
+            (l.min(y), h.max(y))
+        });
+        let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+        let pad = ((hi - lo) * 0.1).max(1e-3);
+        let xmax = rs
+            .iter()
+            .filter_map(|r| r["steps"].as_f64())
+            .fold(1.0, f64::max);
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{} K = {}", p.0, p.1), (FONT, 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..xmax, (lo - pad)..(hi + pad))
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("mean NN distance")
+            .y_label_formatter(&|v| format!("{v:.3}"))
+            .label_style((FONT, 14))
+            .draw()
+            .map_err(err)?;
+        for (lambda, pts) in series {
+            let c = lambda_color(lambda);
+            chart
+                .draw_series(LineSeries::new(pts, c.stroke_width(3)))
+                .map_err(err)?
+                .label(format!("λ = {lambda}"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
             .label_font((FONT, 16))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
