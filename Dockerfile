@@ -18,8 +18,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/torch \
  && /opt/torch/bin/pip install --no-cache-dir torch==2.11.0 \
- && nccl_lib="$(/opt/torch/bin/python -c 'import nvidia.nccl, os; print(os.path.join(os.path.dirname(nvidia.nccl.__file__), "lib"))')" \
- && ln -sf "${nccl_lib}/libnccl.so.2" "${nccl_lib}/libnccl.so"
+ && nccl_lib="$(/opt/torch/bin/python -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')" \
+ && mkdir -p /opt/torch/nccl \
+ && ln -sf "${nccl_lib}/libnccl.so.2" /opt/torch/nccl/libnccl.so.2 \
+ && ln -sf "${nccl_lib}/libnccl.so.2" /opt/torch/nccl/libnccl.so
 
 FROM torch AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -46,7 +48,9 @@ RUN apt-get update \
 COPY --from=torch /opt/torch /opt/torch
 COPY --from=build /out/ /usr/local/bin/
 COPY configs/ /etc/protodino/configs/
+# cudarc loads NCCL by the name libnccl.so, which the wheel does not ship (only libnccl.so.2).
 ENV PROTODINO_CONFIGS_DIR=/etc/protodino/configs \
+    LD_LIBRARY_PATH=/opt/torch/nccl \
     NCCL_DEBUG=WARN
 USER 10001
 WORKDIR /var/lib/protodino

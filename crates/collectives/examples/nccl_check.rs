@@ -450,7 +450,7 @@ fn main() {
         );
         step(&report, "unavailable_reported_cleanly", || {
             if clean {
-                Ok("libnccl.so or libcuda.so not found".into())
+                Ok(protodino_collectives::nccl::MISSING_LIBRARIES.into())
             } else {
                 Err("generate/init did not return Unavailable".into())
             }

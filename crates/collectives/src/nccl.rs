@@ -42,6 +42,12 @@ impl NcclDType {
     }
 }
 
+/// Why [`nccl_available`] is false. cudarc looks for `libnccl.so` (and `.so.1`, `.so.9`–`.so.12`,
+/// …) but not `libnccl.so.2`, the only name that the `nvidia-nccl-cu*` wheels ship: a
+/// `libnccl.so` link next to it (as the Docker image makes) or on the loader path fixes that.
+pub const MISSING_LIBRARIES: &str = "libnccl.so or libcuda.so not found on the loader path \
+     (a wheel's libnccl.so.2 needs a libnccl.so link beside it)";
+
 /// True when both the NCCL and the CUDA driver libraries can be loaded.
 pub fn nccl_available() -> bool {
     // SAFETY: these only try to dlopen the libraries.
@@ -74,9 +80,7 @@ impl NcclUniqueId {
     /// ranks have initialised).
     pub fn generate() -> Result<Self> {
         if !nccl_available() {
-            return Err(CollectiveError::Unavailable(
-                "libnccl.so or libcuda.so not found".into(),
-            ));
+            return Err(CollectiveError::Unavailable(MISSING_LIBRARIES.into()));
         }
         let raw = nccl::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
         let mut id = [0u8; UNIQUE_ID_BYTES];
@@ -149,9 +153,7 @@ impl NcclGroup {
             )));
         }
         if !nccl_available() {
-            return Err(CollectiveError::Unavailable(
-                "libnccl.so or libcuda.so not found".into(),
-            ));
+            return Err(CollectiveError::Unavailable(MISSING_LIBRARIES.into()));
         }
         cudarc::driver::result::init().map_err(|e| cuda_err("cuInit", e))?;
         let dev =
