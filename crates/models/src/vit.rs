@@ -102,7 +102,10 @@ impl Attention {
         }
     }
 
-    /// Plain softmax attention in the official order of operations (`(q @ kᵀ) * scale`).
+    /// Softmax attention. On the CPU in the official order of operations
+    /// (`softmax((q @ kᵀ) * scale) @ v`, bit-exact to the reference); on CUDA through libtorch's
+    /// fused `scaled_dot_product_attention` (flash / memory-efficient kernels: the same function
+    /// up to rounding, without materialising the `[B, h, N, N]` attention matrix).
     fn forward(&self, x: &Tensor) -> Tensor {
         let (b, n, c) = x.size3().expect("tokens are [B, N, C]");
         let qkv = self
@@ -111,8 +114,15 @@ impl Attention {
             .reshape([b, n, 3, self.num_heads, c / self.num_heads])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let attn = (q.matmul(&k.transpose(-2, -1)) * self.scale).softmax(-1, q.kind());
-        let out = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
+        let out = if q.device().is_cuda() {
+            Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, false, self.scale, false,
+            )
+        } else {
+            let attn = (q.matmul(&k.transpose(-2, -1)) * self.scale).softmax(-1, q.kind());
+            attn.matmul(&v)
+        };
+        let out = out.transpose(1, 2).reshape([b, n, c]);
         self.proj.forward(&out)
     }
 }
