@@ -14,10 +14,8 @@ use protodino_analysis::{
 };
 use protodino_config::TrainConfig;
 use protodino_data::{Loader, SharedDataset};
-use protodino_models::ForwardCtx;
-use tch::Tensor;
 
-use crate::train::{Trainer, build_trainer};
+use crate::train::{Trainer, build_trainer, extract_features};
 
 /// Which labelled sets to use: explicit train/test sets, or the configuration's evaluation sets.
 pub struct EvalData {
@@ -78,37 +76,6 @@ fn subset(n: usize, limit: usize) -> Vec<u64> {
         .collect()
 }
 
-/// Features of `ids`: `probe = None` → the DINO feature (CLS after the final norm), else
-/// `forward_probe(n_last_blocks, avgpool)`.
-fn features(
-    t: &Trainer,
-    loader: &Loader,
-    ids: &[u64],
-    probe: Option<(i64, bool)>,
-) -> Result<(Tensor, Tensor)> {
-    let mut feats = Vec::new();
-    let mut labels = Vec::new();
-    for chunk in ids.chunks(256) {
-        let b = loader.eval_batch(chunk);
-        let n = b.sample_ids.len() as i64;
-        if n == 0 {
-            continue;
-        }
-        let s = b.size as i64;
-        let x = Tensor::from_slice(&b.images)
-            .view([n, 3, s, s])
-            .to_device(t.device);
-        let f = tch::no_grad(|| match probe {
-            None => t.teacher.backbone.forward(&x, &ForwardCtx::eval()),
-            Some((k, avg)) => t.teacher.backbone.forward_probe(&x, k, avg),
-        });
-        feats.push(f.to_device(tch::Device::Cpu));
-        labels.extend_from_slice(&b.labels);
-    }
-    anyhow::ensure!(!feats.is_empty(), "no readable evaluation image");
-    Ok((Tensor::cat(&feats, 0), Tensor::from_slice(&labels)))
-}
-
 pub enum Task {
     Knn {
         k: Vec<i64>,
@@ -150,8 +117,8 @@ pub fn run(
         }),
         _ => None,
     };
-    let (ftr, ytr) = features(&t, &ltr, &tr_ids, probe)?;
-    let (fte, yte) = features(&t, &lte, &te_ids, probe)?;
+    let (ftr, ytr) = extract_features(&t, &ltr, &tr_ids, probe)?;
+    let (fte, yte) = extract_features(&t, &lte, &te_ids, probe)?;
     let report = match task {
         Task::Knn { k, temperature } => serde_json::to_value(knn_classify(
             &ftr,

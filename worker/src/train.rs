@@ -139,22 +139,13 @@ pub fn usage_figures(
             teacher_temp: cfg.loss.teacher_temp,
         },
     )?;
-    for chunk in ids.chunks(256) {
-        let b = loader.eval_batch(chunk);
-        let n = b.sample_ids.len() as i64;
-        if n == 0 {
-            continue;
-        }
-        let s = b.size as i64;
-        let x = Tensor::from_slice(&b.images)
-            .view([n, 3, s, s])
-            .to_device(trainer.device);
+    for_each_eval_batch(trainer, loader, ids, |x, _| {
         let logits = tch::no_grad(|| {
-            let f = trainer.teacher.backbone.forward(&x, &ForwardCtx::eval());
+            let f = trainer.teacher.backbone.forward(x, &ForwardCtx::eval());
             trainer.teacher.head.forward(&f, false)
         });
-        acc.update(&logits.to_device(tch::Device::Cpu).to_kind(Kind::Float))?;
-    }
+        Ok(acc.update(&logits.to_device(tch::Device::Cpu).to_kind(Kind::Float))?)
+    })?;
     anyhow::ensure!(
         acc.n_samples() > 0,
         "no readable image for the usage figures"
@@ -187,17 +178,15 @@ fn collapse_record(
     Ok(rec)
 }
 
-/// Teacher-backbone features (CLS after the final norm) of a whole data set, L2-normalisation
-/// left to the k-NN. Returns `(features [N, D], labels [N])`.
-pub fn extract_features(
+/// Run `f(images [n, 3, S, S] on the trainer's device, labels)` over `ids` in chunks of 256,
+/// with the evaluation transform; unreadable records are left out.
+pub fn for_each_eval_batch(
     trainer: &Trainer,
     loader: &Loader,
     ids: &[u64],
-    batch: usize,
-) -> Result<(Tensor, Tensor)> {
-    let mut feats = Vec::new();
-    let mut labels = Vec::new();
-    for chunk in ids.chunks(batch) {
+    mut f: impl FnMut(&Tensor, &[i64]) -> Result<()>,
+) -> Result<()> {
+    for chunk in ids.chunks(256) {
         let b = loader.eval_batch(chunk);
         let n = b.sample_ids.len() as i64;
         if n == 0 {
@@ -207,10 +196,32 @@ pub fn extract_features(
         let x = Tensor::from_slice(&b.images)
             .view([n, 3, s, s])
             .to_device(trainer.device);
-        let f = tch::no_grad(|| trainer.teacher.backbone.forward(&x, &ForwardCtx::eval()));
-        feats.push(f.to_device(tch::Device::Cpu));
-        labels.extend_from_slice(&b.labels);
+        f(&x, &b.labels)?;
     }
+    Ok(())
+}
+
+/// Teacher-backbone features of `ids` and their labels, L2-normalisation left to the caller:
+/// `probe = None` → the DINO feature (CLS after the final norm), else
+/// `forward_probe(n_last_blocks, avgpool)`. Returns `(features [N, D], labels [N])`.
+pub fn extract_features(
+    trainer: &Trainer,
+    loader: &Loader,
+    ids: &[u64],
+    probe: Option<(i64, bool)>,
+) -> Result<(Tensor, Tensor)> {
+    let mut feats = Vec::new();
+    let mut labels = Vec::new();
+    let backbone = &trainer.teacher.backbone;
+    for_each_eval_batch(trainer, loader, ids, |x, y| {
+        let f = tch::no_grad(|| match probe {
+            None => backbone.forward(x, &ForwardCtx::eval()),
+            Some((k, avg)) => backbone.forward_probe(x, k, avg),
+        });
+        feats.push(f.to_device(tch::Device::Cpu));
+        labels.extend_from_slice(y);
+        Ok(())
+    })?;
     anyhow::ensure!(!feats.is_empty(), "no readable evaluation image");
     Ok((Tensor::cat(&feats, 0), Tensor::from_slice(&labels)))
 }
@@ -235,8 +246,8 @@ pub fn knn_eval(
     };
     let train_ids = pick(train.len(), limits.0);
     let test_ids = pick(test.len(), limits.1);
-    let (ftr, ltr) = extract_features(trainer, &train_loader, &train_ids, 256)?;
-    let (fte, lte) = extract_features(trainer, &test_loader, &test_ids, 256)?;
+    let (ftr, ltr) = extract_features(trainer, &train_loader, &train_ids, None)?;
+    let (fte, lte) = extract_features(trainer, &test_loader, &test_ids, None)?;
     let opts = KnnOptions {
         ks: vec![cfg.eval.knn_k],
         temperature: cfg.eval.knn_temperature,

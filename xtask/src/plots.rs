@@ -18,6 +18,46 @@ pub fn register_font(ttf: &Path) -> Result<()> {
         .map_err(|_| anyhow!("{} is not a usable font", ttf.display()))
 }
 
+/// A labelled line (its legend entry drawn in the same style).
+fn line<X, Y>(
+    chart: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<X, Y>>,
+    pts: Vec<(f64, f64)>,
+    style: ShapeStyle,
+    label: String,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(LineSeries::new(pts, style))
+        .map_err(err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    Ok(())
+}
+
+/// The legend box of a chart.
+fn legend<'a, 'b, X, Y>(
+    chart: &mut ChartContext<'a, BitMapBackend<'b>, Cartesian2d<X, Y>>,
+    position: SeriesLabelPosition,
+    font_size: u32,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+    'b: 'a,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font((FONT, font_size))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)
+}
+
 fn lambda_color(lambda: f64) -> RGBColor {
     match lambda {
         0.0 => RGBColor(214, 39, 40),
@@ -140,22 +180,9 @@ fn unique_over_training(runs: &[Value], eps: &str, path: &Path) -> Result<()> {
                 pts.push((s, u));
             }
             let c = lambda_color(lambda);
-            chart
-                .draw_series(LineSeries::new(pts, c.stroke_width(3)))
-                .map_err(err)?
-                .label(format!("λ = {lambda}"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                });
+            line(&mut chart, pts, c.stroke_width(3), format!("λ = {lambda}"))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .label_font((FONT, 16))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::LowerLeft, 16)?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -207,22 +234,9 @@ fn nn_over_training(runs: &[Value], path: &Path) -> Result<()> {
             .map_err(err)?;
         for (lambda, pts) in series {
             let c = lambda_color(lambda);
-            chart
-                .draw_series(LineSeries::new(pts, c.stroke_width(3)))
-                .map_err(err)?
-                .label(format!("λ = {lambda}"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                });
+            line(&mut chart, pts, c.stroke_width(3), format!("λ = {lambda}"))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font((FONT, 16))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft, 16)?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -260,25 +274,17 @@ fn unique_vs_eps(runs: &[Value], path: &Path) -> Result<()> {
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
             let c = lambda_color(lambda);
-            chart
-                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
-                .map_err(err)?
-                .label(format!("λ = {lambda}"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                });
+            line(
+                &mut chart,
+                pts.clone(),
+                c.stroke_width(3),
+                format!("λ = {lambda}"),
+            )?;
             chart
                 .draw_series(pts.into_iter().map(|pt| Circle::new(pt, 4, c.filled())))
                 .map_err(err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .label_font((FONT, 16))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::LowerLeft, 16)?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -359,23 +365,12 @@ fn knn_vs_lambda(runs: &[Value], path: &Path) -> Result<()> {
         } else {
             c.stroke_width(1)
         };
-        chart
-            .draw_series(LineSeries::new(pts.clone(), style))
-            .map_err(err)?
-            .label(label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        line(&mut chart, pts.clone(), style, label.clone())?;
         chart
             .draw_series(pts.into_iter().map(|pt| Circle::new(pt, 4, c.filled())))
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FONT, 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight, 15)?;
     root.present().map_err(err)?;
     Ok(())
 }
@@ -424,22 +419,14 @@ fn grouped_mlcd(runs: &[Value], path: &Path) -> Result<()> {
                 .as_array()
                 .map_or(0, Vec::len);
             let c = lambda_color(lambda);
-            chart
-                .draw_series(LineSeries::new(pts, c.stroke_width(3)))
-                .map_err(err)?
-                .label(format!("λ = {lambda} ({groups} groups)"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                });
+            line(
+                &mut chart,
+                pts,
+                c.stroke_width(3),
+                format!("λ = {lambda} ({groups} groups)"),
+            )?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .label_font((FONT, 16))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::LowerLeft, 16)?;
     }
     root.present().map_err(err)?;
     Ok(())
