@@ -86,6 +86,10 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
+# (embed_dim, num_heads) of the official DINO ViTs (depth 12).
+ARCHS = {"vit_tiny": (192, 3), "vit_small": (384, 6)}
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, patch_size=16, img_size=224, embed_dim=384, depth=12, num_heads=6,
                  drop_path_rate=0.0, attn_cls=Attention):
@@ -260,6 +264,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--K", type=int, default=65536)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="vit_small")
     ap.add_argument("--local-crops", type=int, default=10)
     ap.add_argument("--koleo-weight", type=float, default=0.1)
     ap.add_argument("--bf16", action="store_true")
@@ -277,10 +282,12 @@ def main():
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     attn = SdpaAttention if a.sdpa else Attention
-    student = MultiCropWrapper(VisionTransformer(drop_path_rate=0.1, attn_cls=attn),
-                               DINOHead(384, a.K, norm_last_layer=True)).to(dev)
-    teacher = MultiCropWrapper(VisionTransformer(attn_cls=attn),
-                               DINOHead(384, a.K, norm_last_layer=True)).to(dev)
+    dim, heads = ARCHS[a.arch]
+    student = MultiCropWrapper(VisionTransformer(embed_dim=dim, num_heads=heads, drop_path_rate=0.1,
+                                                 attn_cls=attn),
+                               DINOHead(dim, a.K, norm_last_layer=True)).to(dev)
+    teacher = MultiCropWrapper(VisionTransformer(embed_dim=dim, num_heads=heads, attn_cls=attn),
+                               DINOHead(dim, a.K, norm_last_layer=True)).to(dev)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
@@ -292,7 +299,7 @@ def main():
     n_params = sum(p.numel() for p in trainable)
     lr = 5e-4 * a.batch / 256.0
     wd, momentum, teacher_temp, clip = 0.04, 0.996, 0.04, 3.0
-    print(f"ViT-S/16 + head K={a.K}: {n_params} trainable parameters, batch {a.batch}, "
+    print(f"{a.arch}/16 + head K={a.K}: {n_params} trainable parameters, batch {a.batch}, "
           f"device {dev}, {'bf16 autocast' if a.bf16 else 'fp32'}, "
           f"{'sdpa' if a.sdpa else 'official'} attention, torch {torch.__version__}", flush=True)
 
@@ -351,6 +358,7 @@ def main():
     mean = sum(timed) / len(timed) if timed else None
     out = {
         "impl": "pytorch-eager",
+        "arch": a.arch,
         "attention": "sdpa" if a.sdpa else "official",
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

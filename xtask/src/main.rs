@@ -5,6 +5,7 @@
 //! data sets (`data.rs`) — into a cache outside the clone (`$PROTODINO_CACHE`, else
 //! `$XDG_CACHE_HOME/protodino`, else `~/.cache/protodino`), so a second run downloads nothing.
 
+mod bench;
 mod data;
 mod elf;
 mod libtorch;
@@ -50,6 +51,19 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Output directory of results.json, results.md and the figures.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Side-by-side benchmarks against PyTorch / torchvision / gloo (step, data, end to end,
+    /// memory, all-reduce), one table; provisions its own Python reference environment.
+    Bench {
+        /// Fewer steps, images and sizes (a few minutes; for trying the command).
+        #[arg(long)]
+        quick: bool,
+        /// Only these sections (step, data, e2e, allreduce), comma separated.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Output directory of bench.md and bench.json (default: the cache's bench/latest).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -137,6 +151,7 @@ fn main() -> Result<()> {
             let dir = data::ensure()?;
             println!("{}", dir.display());
         }
+        Cmd::Bench { quick, only, out } => bench::bench(bench::BenchArgs { quick, only, out })?,
         Cmd::Pyref => println!("{}", pyref::ensure()?.display()),
         Cmd::Test { args } => test(args)?,
         Cmd::Demo { args } => demo(args)?,

@@ -2,10 +2,10 @@
 protodino-collectives-bench compares its TCP ring with (same sizes, same schedule, same output).
 
 Run with the reference virtualenv's python (torch 2.11.0):
-    python crates/collectives/reference/bench_gloo.py --world 2 --min-bytes 1024 --max-bytes 268435456 --trials 3
+    python crates/collectives/reference/bench_gloo.py --world 2 --min-bytes 1024 --max-bytes 268435456 --trials 5
 Prints one line per size: RESULT <bytes> <seconds per call, slowest rank> <CPU seconds per call,
 all ranks summed (user + system, getrusage)>.
-Schedule (identical to the Rust benchmark): 2 warm-up calls, then --trials (3) timed runs, each a
+Schedule (identical to the Rust benchmark): 2 warm-up calls, then --trials (5) timed runs, each a
 barrier and clamp(256 MiB / bytes, 3, 200) calls of an in-place f32 SUM; the fastest run counts.
 """
 
@@ -68,7 +68,7 @@ def main():
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--min-bytes", type=int, default=1024)
     p.add_argument("--max-bytes", type=int, default=256 << 20)
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--trials", type=int, default=5)
     a = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

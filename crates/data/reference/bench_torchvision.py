@@ -60,7 +60,9 @@ class MaybeSolarize:
 
 class MultiCrop:
     def __init__(self, preset):
-        g, gs, n_local, l, ls = PRESETS[preset]
+        """`preset`: a PRESETS name or a (global size, global scale, n local, local size,
+        local scale) tuple."""
+        g, gs, n_local, l, ls = PRESETS[preset] if isinstance(preset, str) else preset
         bicubic = T.InterpolationMode.BICUBIC
         flip_jitter = T.Compose([
             T.RandomHorizontalFlip(p=0.5),

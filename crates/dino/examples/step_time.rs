@@ -1,8 +1,9 @@
-//! Time of one DINO + KoLeo-proto training step of ViT-S/16 (official head, K = 65536) at
+//! Time of one DINO + KoLeo-proto training step of ViT-S/16 or ViT-Ti/16 (official head, K = 65536) at
 //! 2×224 + 10×96 crops, on the CPU or a CUDA device.
 //!
 //! `cargo run --release -p protodino-dino --example step_time -- [batch] [threads] [steps] [K]
-//! [koleo_weight] [--device cpu|cuda|cuda:N] [--bf16] [--warmup N] [--max-seconds S] [--json]`
+//! [koleo_weight] [--arch vit_small|vit_tiny] [--device cpu|cuda|cuda:N] [--bf16] [--warmup N]
+//! [--max-seconds S] [--json]`
 //! (defaults 8, 2, 3, 65536, 0.1, cpu, fp32, 1, no limit; weight 0 skips KoLeo-proto). Random normalised
 //! inputs, made on the device before the clock starts; the first `warmup` steps (allocator,
 //! cuDNN/cuBLAS set-up) are reported but not averaged. On CUDA each timed step ends with a device
@@ -11,7 +12,7 @@
 //!
 //! The PyTorch eager counterpart is `scripts/gpu/step_torch.py`.
 
-use protodino_config::{Precision, TrainConfig};
+use protodino_config::{Arch, Precision, TrainConfig};
 use protodino_dino::network::parse_device;
 use protodino_dino::{Batch, DinoTrainer, LocalReducer};
 use tch::{Device, Kind, Tensor};
@@ -19,6 +20,7 @@ use tch::{Device, Kind, Tensor};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut positional = Vec::new();
     let mut device = "cpu".to_string();
+    let mut arch = "vit_small".to_string();
     let mut bf16 = false;
     let mut json = false;
     let mut warmup: usize = 1;
@@ -27,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--device" => device = it.next().ok_or("--device needs a value")?,
+            "--arch" => arch = it.next().ok_or("--arch needs a value")?,
             "--bf16" => bf16 = true,
             "--json" => json = true,
             "--warmup" => warmup = it.next().ok_or("--warmup needs a value")?.parse()?,
@@ -60,6 +63,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tch::set_num_threads(threads as i32);
     let mut cfg = TrainConfig::defaults()?;
     cfg.head.out_dim = k;
+    cfg.model.arch = match arch.as_str() {
+        "vit_small" => Arch::VitSmall,
+        "vit_tiny" => Arch::VitTiny,
+        other => return Err(format!("--arch {other}: expected vit_small or vit_tiny").into()),
+    };
     cfg.crops.local_crops_number = 10;
     cfg.train.batch_size_per_worker = b;
     cfg.train.device = device.clone();
@@ -77,7 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|(_, t)| t.numel() as i64)
         .sum();
     println!(
-        "ViT-S/16 + head K={k}: {n_params} trainable parameters, batch {b}, {threads} threads, \
+        "{arch}/16 + head K={k}: {n_params} trainable parameters, batch {b}, {threads} threads, \
          device {device}, {}",
         if bf16 { "bf16 autocast" } else { "fp32" }
     );
@@ -131,6 +139,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{}",
             serde_json::json!({
                 "impl": "rust-tch",
+                "arch": arch,
                 "device": device,
                 "bf16": bf16,
                 "batch": b,

@@ -4,11 +4,12 @@
 //! ```text
 //! protodino-collectives-bench [--worlds 2,4] [--min-bytes 1024] [--max-bytes 268435456]
 //!                             [--python PY --gloo-script crates/collectives/reference/bench_gloo.py]
+//!                             [--trials 5] [--json OUT.json]
 //! ```
 //! Without `--python` only the ring is measured. "cpu" columns: user + system CPU milliseconds per
 //! call summed over all ranks (`getrusage`), the cost that matters when ranks share cores. Bus bandwidth follows nccl-tests:
 //! `busbw = bytes / time × 2 (W − 1) / W`, time being the slowest rank's mean per call, f32 sums,
-//! sizes doubling from `--min-bytes` to `--max-bytes`: 2 warm-up calls, then `--trials` (3) timed
+//! sizes doubling from `--min-bytes` to `--max-bytes`: 2 warm-up calls, then `--trials` (5) timed
 //! runs of `clamp(256 MiB / bytes, 3, 200)` calls each, the fastest run counting (the gloo script
 //! uses the same schedule). Each rank is its own process on loopback, like torchrun would start them.
 
@@ -37,6 +38,8 @@ struct Args {
     /// Timed trials per size; the fastest counts (the machine is shared, so slower trials
     /// measure the neighbours). Same rule in the gloo script.
     trials: usize,
+    /// Also write every row as JSON here.
+    json: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -49,7 +52,8 @@ fn parse_args() -> anyhow::Result<Args> {
         worker: false,
         chunk_bytes: GroupOptions::default().chunk_bytes,
         socket_buffer_bytes: GroupOptions::default().socket_buffer_bytes,
-        trials: 3,
+        trials: 5,
+        json: None,
         sender_thread_min_bytes: None,
         spin_us: GroupOptions::default().spin.as_micros() as u64,
     };
@@ -74,6 +78,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--spin-us" => a.spin_us = v.parse()?,
             "--sender-thread-min-bytes" => a.sender_thread_min_bytes = Some(v.parse()?),
             "--trials" => a.trials = v.parse::<usize>()?.max(1),
+            "--json" => a.json = Some(v.clone()),
             "--chunk-bytes" => a.chunk_bytes = v.parse()?,
             "--socket-buffer-bytes" => a.socket_buffer_bytes = v.parse()?,
             _ => bail!("unknown flag {flag}"),
@@ -282,6 +287,7 @@ fn main() -> anyhow::Result<()> {
     if args.worker {
         return worker(&args);
     }
+    let mut rows = Vec::new();
     for &world in &args.worlds {
         let ring = run_ring(&args, world)?;
         let gloo = match &args.python {
@@ -304,6 +310,18 @@ fn main() -> anyhow::Result<()> {
         );
         for (&bytes, &(secs, cpu)) in &ring {
             let ours = busbw_gbs(bytes, secs, world);
+            let theirs = gloo.as_ref().and_then(|g| g.get(&bytes));
+            rows.push(serde_json::json!({
+                "world": world,
+                "bytes": bytes,
+                "ring_us": secs * 1e6,
+                "ring_busbw_gbs": ours,
+                "ring_cpu_ms": cpu * 1e3,
+                "gloo_us": theirs.map(|t| t.0 * 1e6),
+                "gloo_busbw_gbs": theirs.map(|t| busbw_gbs(bytes, t.0, world)),
+                "gloo_cpu_ms": theirs.map(|t| t.1 * 1e3),
+                "ratio": theirs.map(|t| ours / busbw_gbs(bytes, t.0, world)),
+            }));
             let row = format!(
                 "{:>9} | {:>10.1} | {:>10.3} | {:>8.2}",
                 human(bytes),
@@ -328,6 +346,10 @@ fn main() -> anyhow::Result<()> {
                 ),
             }
         }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {path}"))?;
     }
     Ok(())
 }

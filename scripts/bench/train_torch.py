@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""PyTorch counterpart of `protodino train` for the end-to-end benchmark: the DINO + KoLeo-proto
+training loop a user would otherwise run, with torchvision transforms on PIL images in a
+`DataLoader`, on Fashion-MNIST, configured from the same TOML files as protodino.
+
+    python scripts/bench/train_torch.py --config configs/default.toml --config configs/cpu-demo.toml \
+        --fmnist-raw <data_root>/fashion-mnist/raw --steps 100
+
+What it runs (ALGORITHM.md, official DINO main_dino.py order): the training set is the
+`data.limit` evenly spaced images `i * n // limit` of the 60 000 (as protodino's `data.limit`),
+shuffled per epoch, batches of `train.batch_size_per_worker` with drop_last, decoded into PIL
+"L" -> "RGB" and augmented by the DINO multi-crop (crates/data/reference/bench_torchvision.py)
+in `data.num_threads` DataLoader worker processes; `train.threads` torch threads; the student
+and teacher ViT and head of scripts/gpu/step_torch.py at the configuration's sizes; DINO loss,
+KoLeo-proto, per-parameter clipping, last-layer freezing in the first `freeze_last_layer`
+epochs, AdamW (torch's default foreach implementation) with cosine lr / weight-decay
+schedules, EMA with the cosine momentum schedule, centre update. fp32, CPU.
+
+Throughput is images / seconds from the first `next()` on the DataLoader (workers start there)
+to the end of the last step, the same span `protodino train` reports as `train_seconds`.
+Prints one JSON line last.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
+sys.path.insert(0, str(ROOT / "crates" / "data" / "reference"))
+import step_torch as ref  # noqa: E402
+from bench_torchvision import MultiCrop  # noqa: E402
+
+
+def merged(paths):
+    cfg = {}
+    for p in paths:
+        with open(p, "rb") as f:
+            for section, values in tomllib.load(f).items():
+                cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0.0):
+    """Official DINO utils.cosine_scheduler."""
+    warmup = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup = np.linspace(start_warmup, base, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, schedule))
+
+
+class FashionMnist(Dataset):
+    def __init__(self, raw_dir, limit, transform):
+        b = (Path(raw_dir) / "train-images-idx3-ubyte").read_bytes()
+        images = np.frombuffer(b, dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+        n = len(images)
+        ids = [i * n // limit for i in range(limit)] if 0 < limit < n else list(range(n))
+        self.images, self.ids, self.transform = images, ids, transform
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[self.ids[i]], "L").convert("RGB")
+        return self.transform(img)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", action="append", required=True, type=Path)
+    ap.add_argument("--fmnist-raw", required=True, type=Path)
+    ap.add_argument("--steps", type=int, default=100)
+    a = ap.parse_args()
+    cfg = merged(a.config)
+    m, h, c, o, t, lo, d = (cfg[k] for k in ("model", "head", "crops", "optim", "train", "loss", "data"))
+    assert m["arch"].startswith("vit"), "the reference loop implements the ViTs"
+    dim, heads = ref.ARCHS[m["arch"]]
+    depth = m["depth"] or 12
+    threads = t["threads"] or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(t["seed"])
+
+    preset = (c["global_crop_size"], tuple(c["global_crops_scale"]), c["local_crops_number"],
+              c["local_crop_size"], tuple(c["local_crops_scale"]))
+    ds = FashionMnist(a.fmnist_raw, d["limit"], MultiCrop(preset))
+    batch = t["batch_size_per_worker"]
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True,
+                        num_workers=d["num_threads"], persistent_workers=d["num_threads"] > 0,
+                        prefetch_factor=d["prefetch_batches"] if d["num_threads"] > 0 else None)
+    per_epoch = len(loader)
+    epochs = t["epochs"]
+
+    def vit(drop):
+        return ref.VisionTransformer(patch_size=m["patch_size"], img_size=m["img_size"], embed_dim=dim,
+                                     depth=depth, num_heads=heads, drop_path_rate=drop)
+
+    def head():
+        return ref.DINOHead(dim, h["out_dim"], hidden_dim=h["hidden_dim"],
+                            bottleneck_dim=h["bottleneck_dim"], norm_last_layer=h["norm_last_layer"])
+
+    student = ref.MultiCropWrapper(vit(m["drop_path_rate"]), head())
+    teacher = ref.MultiCropWrapper(vit(0.0), head())
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    ncrops = 2 + c["local_crops_number"]
+    dino_loss = ref.DINOLoss(h["out_dim"], ncrops, student_temp=lo["student_temp"],
+                             center_momentum=lo["center_momentum"])
+    optimizer = torch.optim.AdamW(ref.params_groups(student), betas=(o["adam_beta1"], o["adam_beta2"]),
+                                  eps=o["adam_eps"])
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    last_layer = [p for n, p in student.named_parameters() if "weight_v" in n or "weight_g" in n]
+    s_params, t_params = list(student.parameters()), list(teacher.parameters())
+
+    lr_s = cosine_scheduler(o["lr"] * batch / 256.0, o["min_lr"], epochs, per_epoch, o["warmup_epochs"])
+    wd_s = cosine_scheduler(o["weight_decay"], o["weight_decay_end"], epochs, per_epoch)
+    mom_s = cosine_scheduler(o["momentum_teacher"], 1.0, epochs, per_epoch)
+    temp_s = np.concatenate((
+        np.linspace(lo["warmup_teacher_temp"], lo["teacher_temp"], lo["warmup_teacher_temp_epochs"]),
+        np.ones(max(epochs - lo["warmup_teacher_temp_epochs"], 0)) * lo["teacher_temp"]))
+    koleo = cfg["koleo"]["weight"]
+
+    def step(it, images):
+        epoch = it // per_epoch
+        for i, pg in enumerate(optimizer.param_groups):
+            pg["lr"] = lr_s[it]
+            if i == 0:
+                pg["weight_decay"] = wd_s[it]
+        with torch.no_grad():
+            teacher_output = teacher(images[:2])
+        student_output = student(images)
+        loss = dino_loss(student_output, teacher_output, float(temp_s[epoch]))
+        if koleo != 0:
+            kp, _ = ref.koleo_proto(student.head.prototypes(), eps=cfg["koleo"]["eps"],
+                                    block_rows=cfg["koleo"]["block_rows"])
+            loss = loss + koleo * kp
+        value = loss.item()
+        if not math.isfinite(value):
+            raise SystemExit(f"loss is {value}")
+        optimizer.zero_grad()
+        loss.backward()
+        if o["clip_grad"] > 0:
+            ref.clip_gradients(trainable, o["clip_grad"])
+        if epoch < o["freeze_last_layer"]:
+            for p in last_layer:
+                p.grad = None
+        optimizer.step()
+        with torch.no_grad():
+            mom = mom_s[it]
+            for q, k in zip(s_params, t_params):
+                k.data.mul_(mom).add_((1 - mom) * q.detach().data)
+        dino_loss.update_center(teacher_output)
+        return value
+
+    print(f"pytorch loop: {len(ds)} images, {per_epoch} steps/epoch, {a.steps} steps, "
+          f"{m['arch']}/{m['patch_size']} depth {depth}, K = {h['out_dim']}, lambda = {koleo}, "
+          f"{d['num_threads']} DataLoader workers, {threads} torch threads", flush=True)
+    begin = time.perf_counter()
+    seen, it, value = 0, 0, float("nan")
+    while it < a.steps:
+        for images in loader:
+            value = step(it, images)
+            seen += images[0].shape[0]
+            it += 1
+            if it % 10 == 0:
+                rate = seen / (time.perf_counter() - begin)
+                print(f"step {it}: loss {value:.4f} {rate:.1f} img/s", flush=True)
+            if it >= a.steps:
+                break
+    secs = time.perf_counter() - begin
+    print(json.dumps({"impl": "pytorch", "steps": it, "images_seen": seen, "train_seconds": secs,
+                      "images_per_second": seen / secs, "last_total_loss": value}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
