@@ -203,7 +203,7 @@ fn python(ctx: &Ctx, script: &str) -> Command {
 fn step(ctx: &Ctx, pairs: &mut Vec<Pair>) -> Result<()> {
     for (arch, name, steps) in [
         ("vit_tiny", "ViT-Ti/16", if ctx.quick { 2 } else { 5 }),
-        ("vit_small", "ViT-S/16", if ctx.quick { 1 } else { 3 }),
+        ("vit_small", "ViT-S/16", if ctx.quick { 2 } else { 3 }),
     ] {
         let steps = steps.to_string();
         let mut ours = Command::new(ctx.release.join("examples/step_time"));

@@ -46,9 +46,30 @@ pub fn normalize_rows(w: &Tensor, eps: f64) -> Tensor {
     w / denom
 }
 
+/// Columns per tile of the CPU neighbour search (see [`nearest_neighbours`]).
+pub const CPU_TILE_COLS: i64 = 2048;
+
 /// Nearest-neighbour index of every row of the (normalised) matrix `mu` `[K, d]` by maximal
-/// inner product excluding the row itself, `block_rows` rows at a time, without gradient.
+/// inner product excluding the row itself, without gradient.
+///
+/// Rows go `block_rows` at a time. On the CPU each row block is further cut into column tiles of
+/// [`CPU_TILE_COLS`], written into one reused buffer and folded into a running (max, index)
+/// per row: measured on 2 cores at K = 65 536, d = 256, this takes 19–20 s where whole
+/// `block_rows × K` products take 27–28 s (a fresh 1 GiB product per block is page-faulted and
+/// streamed through memory twice; a 2048-column tile stays warm). On CUDA the row block is one
+/// product (few large kernels beat many small ones). Ties go to the smallest index either way,
+/// as `argmax` does.
 pub fn nearest_neighbours(mu: &Tensor, block_rows: i64) -> Result<Tensor> {
+    let cols = if mu.device().is_cuda() {
+        i64::MAX
+    } else {
+        CPU_TILE_COLS
+    };
+    nearest_neighbours_tiled(mu, block_rows, cols)
+}
+
+/// [`nearest_neighbours`] with an explicit tile of `block_rows × block_cols` products.
+pub fn nearest_neighbours_tiled(mu: &Tensor, block_rows: i64, block_cols: i64) -> Result<Tensor> {
     let k = match mu.size().as_slice() {
         [k, _] => *k,
         s => {
@@ -62,21 +83,43 @@ pub fn nearest_neighbours(mu: &Tensor, block_rows: i64) -> Result<Tensor> {
             "KoLeo needs at least 2 prototypes, got {k}"
         )));
     }
-    let block = block_rows.max(1);
-    Ok(tch::no_grad(|| {
-        let mu = mu.detach();
-        let mu_t = mu.tr();
-        let mut parts = Vec::with_capacity(((k + block - 1) / block) as usize);
+    let (rows_per, cols_per) = (block_rows.clamp(1, k), block_cols.clamp(1, k));
+    let opts = (Kind::Float, mu.device());
+    tch::no_grad(|| {
+        let mu = mu.detach().to_kind(Kind::Float).contiguous();
+        let full_tile = Tensor::f_empty([rows_per, cols_per], opts)?;
+        let mut parts = Vec::with_capacity(((k + rows_per - 1) / rows_per) as usize);
         let mut r0 = 0;
         while r0 < k {
-            let n = block.min(k - r0);
-            let dots = mu.narrow(0, r0, n).mm(&mu_t);
-            let _ = dots.narrow(1, r0, n).diagonal(0, 0, 1).fill_(-1.0);
-            parts.push(dots.argmax(1, false));
+            let n = rows_per.min(k - r0);
+            let rows = mu.narrow(0, r0, n);
+            let mut best = Tensor::f_full([n], f64::NEG_INFINITY, opts)?;
+            let mut best_idx = Tensor::f_zeros([n], (Kind::Int64, mu.device()))?;
+            let mut c0 = 0;
+            while c0 < k {
+                let m = cols_per.min(k - c0);
+                let tile = if (n, m) == (rows_per, cols_per) {
+                    full_tile.shallow_clone()
+                } else {
+                    Tensor::f_empty([n, m], opts)?
+                };
+                rows.f_mm_out(&tile, &mu.narrow(0, c0, m).tr())?;
+                // The row's own column (r0 + a == c0 + b) is excluded by a similarity of −1.
+                if r0 < c0 + m && c0 < r0 + n {
+                    let _ = tile.f_diagonal(r0 - c0, 0, 1)?.f_fill_(-1.0)?;
+                }
+                let (v, i) = tile.f_max_dim(1, false)?;
+                // Strictly greater: on ties the earlier (smaller) column keeps the row.
+                let better = v.f_gt_tensor(&best)?;
+                best = v.f_where_self(&better, &best)?;
+                best_idx = (i + c0).f_where_self(&better, &best_idx)?;
+                c0 += m;
+            }
+            parts.push(best_idx);
             r0 += n;
         }
-        Tensor::cat(&parts, 0)
-    }))
+        Ok(Tensor::f_cat(&parts, 0)?)
+    })
 }
 
 /// `L_KP` of effective prototypes `w` `[K, d]` (any dtype; computed in fp32). With `nn_index`
@@ -165,10 +208,17 @@ mod tests {
             &Tensor::randn([300, 16], (Kind::Float, tch::Device::Cpu)),
             1e-8,
         );
-        let full = nearest_neighbours(&mu, 300).unwrap();
-        for block in [1, 7, 64, 299] {
+        // Brute force: the whole product at once, self excluded, argmax.
+        let dots = mu.mm(&mu.tr());
+        let _ = dots.diagonal(0, 0, 1).fill_(-1.0);
+        let full = dots.argmax(1, false);
+        for block in [1, 7, 64, 299, 300] {
             let b = nearest_neighbours(&mu, block).unwrap();
             assert!(b.equal(&full), "block {block}");
+            for cols in [1, 5, 64, 150, 299, 300, 1000] {
+                let t = nearest_neighbours_tiled(&mu, block, cols).unwrap();
+                assert!(t.equal(&full), "block {block} cols {cols}");
+            }
         }
         // Never the row itself.
         let own = Tensor::arange(300, (Kind::Int64, tch::Device::Cpu));
