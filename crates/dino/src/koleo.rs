@@ -103,7 +103,7 @@ pub fn nearest_neighbours_tiled(mu: &Tensor, block_rows: i64, block_cols: i64) -
                 } else {
                     Tensor::f_empty([n, m], opts)?
                 };
-                rows.f_mm_out(&tile, &mu.narrow(0, c0, m).tr())?;
+                let _ = rows.f_mm_out(&tile, &mu.narrow(0, c0, m).tr())?;
                 // The row's own column (r0 + a == c0 + b) is excluded by a similarity of −1.
                 if r0 < c0 + m && c0 < r0 + n {
                     let _ = tile.f_diagonal(r0 - c0, 0, 1)?.f_fill_(-1.0)?;
