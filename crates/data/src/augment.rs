@@ -151,17 +151,23 @@ pub fn apply_photometric(px: &mut [u8], size: usize, p: &CropParams, blur: &mut 
     if p.flip {
         color::hflip(px, size);
     }
+    // Saturation, hue and grayscale leave a grey crop (R = G = B everywhere) unchanged, exactly
+    // (Pillow's luma of (x, x, x) is x), and brightness and contrast keep it grey: grey data
+    // such as Fashion-MNIST skips them. Known lazily, on the first op that can use it.
+    let mut grey: Option<bool> = None;
+    let mut is_grey = |px: &[u8]| *grey.get_or_insert_with(|| color::is_grey(px));
     if let Some(j) = p.jitter {
         for op in j.order {
             match op {
                 0 => color::adjust_brightness(px, j.brightness),
                 1 => color::adjust_contrast(px, j.contrast),
-                2 => color::adjust_saturation(px, j.saturation),
-                _ => color::adjust_hue(px, j.hue),
+                2 if !is_grey(px) => color::adjust_saturation(px, j.saturation),
+                3 if !is_grey(px) => color::adjust_hue(px, j.hue),
+                _ => {}
             }
         }
     }
-    if p.grayscale {
+    if p.grayscale && !is_grey(px) {
         color::to_grayscale(px);
     }
     if let Some(sigma) = p.blur_sigma {

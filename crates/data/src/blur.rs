@@ -106,21 +106,25 @@ avx2_dispatch! {
     ) {
         let row_len = 3 * width;
         for (row, out) in px.chunks_exact(row_len).zip(tmp.chunks_exact_mut(row_len)) {
-            for xp in 0..width + 2 * half {
+            for (p, &v) in padded[3 * half..3 * (half + width)].iter_mut().zip(row) {
+                *p = v as f32;
+            }
+            for xp in (0..half).chain(half + width..width + 2 * half) {
                 let xs = reflect(xp as isize - half as isize, width);
                 for c in 0..3 {
                     padded[3 * xp + c] = row[3 * xs + c] as f32;
                 }
             }
-            for (x, o) in out.chunks_exact_mut(3).enumerate() {
-                let win = &padded[3 * x..3 * (x + 2 * half + 1)];
-                let mut s = [0f32; 3];
-                for (p, &w) in win.chunks_exact(3).zip(k) {
-                    s[0] += p[0] * w;
-                    s[1] += p[1] * w;
-                    s[2] += p[2] * w;
+            // Output sample i (pixel i / 3, channel i % 3) is Σ_t padded[i + 3t] · k[t]: one
+            // tap at a time over the whole interleaved row, so every lane does useful work.
+            // Each output still sums its taps in kernel order from 0.0, exactly as a
+            // per-pixel loop would.
+            out.fill(0.0);
+            for (t, &w) in k.iter().enumerate() {
+                let src = &padded[3 * t..3 * t + row_len];
+                for (o, &p) in out.iter_mut().zip(src) {
+                    *o += p * w;
                 }
-                o.copy_from_slice(&s);
             }
         }
     }

@@ -295,6 +295,11 @@ avx2_dispatch! {
     }
 }
 
+/// Whether every pixel of the interleaved RGB buffer has R = G = B.
+pub fn is_grey(px: &[u8]) -> bool {
+    px.chunks_exact(3).all(|p| p[0] == p[1] && p[1] == p[2])
+}
+
 /// `Grayscale(num_output_channels=3)`: luma replicated into the three channels.
 pub fn to_grayscale(px: &mut [u8]) {
     for p in px.chunks_exact_mut(3) {
@@ -332,12 +337,24 @@ mod tests {
 
     #[test]
     fn grey_stays_grey_under_saturation_and_hue() {
-        let mut px: Vec<u8> = (0..=255u8).flat_map(|v| [v, v, v]).collect();
-        adjust_saturation(&mut px, 1.7);
-        adjust_hue(&mut px, 0.37);
-        for (k, p) in px.chunks_exact(3).enumerate() {
-            assert_eq!(p, [k as u8; 3]);
+        // The exactness behind apply_photometric's grey fast path: every grey level is a fixed
+        // point of saturation, hue and grayscale.
+        let grey: Vec<u8> = (0..=255u8).flat_map(|v| [v, v, v]).collect();
+        assert!(is_grey(&grey));
+        for f in [0.0, 0.6, 1.0, 1.7] {
+            let mut px = grey.clone();
+            adjust_saturation(&mut px, f);
+            assert_eq!(px, grey, "saturation {f}");
         }
+        for h in [-0.5, -0.1, 0.0, 0.37, 0.5] {
+            let mut px = grey.clone();
+            adjust_hue(&mut px, h);
+            assert_eq!(px, grey, "hue {h}");
+        }
+        let mut px = grey.clone();
+        to_grayscale(&mut px);
+        assert_eq!(px, grey);
+        assert!(!is_grey(&[1, 1, 1, 2, 2, 3]));
     }
 
     #[test]
