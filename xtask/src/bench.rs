@@ -374,6 +374,7 @@ fn allreduce(ctx: &Ctx, pairs: &mut Vec<Pair>) -> Result<Vec<Value>> {
         .arg("--python")
         .arg(&ctx.python)
         .args(["--trials", if ctx.quick { "3" } else { "5" }])
+        .args(["--rounds", if ctx.quick { "1" } else { "3" }])
         .arg("--json")
         .arg(&json_path);
     measure("all-reduce", c)?;
