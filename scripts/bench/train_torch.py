@@ -36,8 +36,10 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
 sys.path.insert(0, str(ROOT / "crates" / "data" / "reference"))
+sys.path.insert(0, str(ROOT / "crates" / "dino" / "reference"))
 import step_torch as ref  # noqa: E402
 from bench_torchvision import MultiCrop  # noqa: E402
+from golden_step import cosine_scheduler, teacher_temp_schedule  # noqa: E402
 
 
 def merged(paths):
@@ -47,17 +49,6 @@ def merged(paths):
             for section, values in tomllib.load(f).items():
                 cfg.setdefault(section, {}).update(values)
     return cfg
-
-
-def cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0.0):
-    """Official DINO utils.cosine_scheduler."""
-    warmup = np.array([])
-    warmup_iters = warmup_epochs * niter_per_ep
-    if warmup_epochs > 0:
-        warmup = np.linspace(start_warmup, base, warmup_iters)
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    schedule = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
-    return np.concatenate((warmup, schedule))
 
 
 class FashionMnist(Dataset):
@@ -126,9 +117,8 @@ def main():
     lr_s = cosine_scheduler(o["lr"] * batch / 256.0, o["min_lr"], epochs, per_epoch, o["warmup_epochs"])
     wd_s = cosine_scheduler(o["weight_decay"], o["weight_decay_end"], epochs, per_epoch)
     mom_s = cosine_scheduler(o["momentum_teacher"], 1.0, epochs, per_epoch)
-    temp_s = np.concatenate((
-        np.linspace(lo["warmup_teacher_temp"], lo["teacher_temp"], lo["warmup_teacher_temp_epochs"]),
-        np.ones(max(epochs - lo["warmup_teacher_temp_epochs"], 0)) * lo["teacher_temp"]))
+    temp_s = teacher_temp_schedule(lo["warmup_teacher_temp"], lo["teacher_temp"],
+                                   lo["warmup_teacher_temp_epochs"], epochs)
     koleo = cfg["koleo"]["weight"]
 
     def step(it, images):

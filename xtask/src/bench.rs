@@ -155,8 +155,15 @@ struct Pair {
     unit: &'static str,
     ours: f64,
     theirs: f64,
-    /// Peak PSS / RSS (MiB) of each side's process tree, where the pair has its own processes.
-    mem: Option<[f64; 4]>,
+    /// Peak memory of the two process trees behind this row, where it has its own.
+    mem: Option<Mem>,
+}
+
+/// Peak PSS / RSS (MiB) of each side's process tree and what those processes measured.
+struct Mem {
+    what: String,
+    /// protodino PSS, reference PSS, protodino RSS, reference RSS.
+    peaks: [f64; 4],
 }
 
 impl Pair {
@@ -172,19 +179,22 @@ impl Pair {
             "protodino": self.ours,
             "reference": self.theirs,
             "ratio": self.ratio(),
-            "peak_pss_mib": self.mem.map(|m| json!({"protodino": m[0], "reference": m[1]})),
-            "peak_rss_mib": self.mem.map(|m| json!({"protodino": m[2], "reference": m[3]})),
+            "peak_pss_mib": self.mem.as_ref().map(|m| json!({"protodino": m.peaks[0], "reference": m.peaks[1]})),
+            "peak_rss_mib": self.mem.as_ref().map(|m| json!({"protodino": m.peaks[2], "reference": m.peaks[3]})),
         })
     }
 }
 
-fn mem(ours: &Measured, theirs: &Measured) -> Option<[f64; 4]> {
-    Some([
-        ours.peak_pss_mib,
-        theirs.peak_pss_mib,
-        ours.peak_rss_mib,
-        theirs.peak_rss_mib,
-    ])
+fn mem(what: &str, ours: &Measured, theirs: &Measured) -> Option<Mem> {
+    Some(Mem {
+        what: what.to_string(),
+        peaks: [
+            ours.peak_pss_mib,
+            theirs.peak_pss_mib,
+            ours.peak_rss_mib,
+            theirs.peak_rss_mib,
+        ],
+    })
 }
 
 struct Ctx {
@@ -216,13 +226,14 @@ fn step(ctx: &Ctx, pairs: &mut Vec<Pair>) -> Result<()> {
             .args(["--device", "cpu", "--threads", "2", "--batch", "8"])
             .args(["--arch", arch, "--steps", &steps, "--warmup", "1"]);
         let theirs = measure(&format!("step {name} pytorch"), theirs)?;
+        let what = format!("{name}, 2×224 + 10×96, batch 8, K 65536, λ 0.1, fp32, 2 threads");
         pairs.push(Pair {
             section: "step",
-            what: format!("{name}, 2×224 + 10×96, batch 8, K 65536, λ 0.1, fp32, 2 threads"),
+            mem: mem(&what, &ours, &theirs),
+            what,
             unit: "img/s",
             ours: f(&last_json(&ours)?, "images_per_s")?,
             theirs: f(&last_json(&theirs)?, "images_per_s")?,
-            mem: mem(&ours, &theirs),
         });
     }
     Ok(())
@@ -296,9 +307,17 @@ fn data_section(ctx: &Ctx, pairs: &mut Vec<Pair>) -> Result<()> {
         } else {
             "2×32 + 6×16"
         };
-        // Both whole-process figures belong to the benchmark command, not one row: the first
-        // row carries them.
-        let m = if i == 0 { mem(&ours, &theirs) } else { None };
+        // The memory figures belong to the whole benchmark command (one process tree per side
+        // for every row): the first row carries them, under that name.
+        let m = if i == 0 {
+            mem(
+                "the whole data benchmark (every data row above)",
+                &ours,
+                &theirs,
+            )
+        } else {
+            None
+        };
         pairs.push(Pair {
             section: "data",
             what: format!("{} {preset}, 2 threads / 2 workers", key.0),
@@ -349,15 +368,16 @@ fn e2e(ctx: &Ctx, pairs: &mut Vec<Pair>) -> Result<()> {
         .arg(fm.join("raw"))
         .args(["--steps", steps]);
     let theirs = measure("e2e pytorch", theirs)?;
+    let what = format!(
+        "train, configs/cpu-demo.toml (Fashion-MNIST, ViT-Ti/8 ×4 blocks, 2×32 + 6×16, batch 32, K 1024), {steps} steps"
+    );
     pairs.push(Pair {
         section: "end to end",
-        what: format!(
-            "train, configs/cpu-demo.toml (Fashion-MNIST, ViT-Ti/8 ×4 blocks, 2×32 + 6×16, batch 32, K 1024), {steps} steps"
-        ),
+        mem: mem(&what, &ours, &theirs),
+        what,
         unit: "img/s",
         ours: f(&fin, "images_per_second")?,
         theirs: f(&last_json(&theirs)?, "images_per_second")?,
-        mem: mem(&ours, &theirs),
     });
     Ok(())
 }
@@ -423,13 +443,7 @@ fn markdown(pairs: &[Pair], allreduce_rows: &[Value], header: &str) -> String {
     s.push_str("\nMemory: peak of the process tree's summed PSS (RSS in brackets), MiB; ratio = protodino / reference, goal ≤ 1.0×.\n\n");
     s.push_str("| row | what | protodino | reference | ratio |\n|---|---|---:|---:|---:|\n");
     for p in pairs {
-        if let Some(m) = p.mem {
-            // The data benchmark is one process tree per side for all its rows.
-            let what = if p.section == "data" {
-                "the whole data benchmark (every data row above)"
-            } else {
-                p.what.as_str()
-            };
+        if let Some(Mem { what, peaks: m }) = &p.mem {
             s.push_str(&format!(
                 "| {} | {} | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.2}× |\n",
                 p.section,

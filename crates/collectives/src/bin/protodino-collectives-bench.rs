@@ -334,6 +334,7 @@ fn main() -> anyhow::Result<()> {
         for (&bytes, &(secs, cpu)) in &ring {
             let ours = busbw_gbs(bytes, secs, world);
             let theirs = gloo.as_ref().and_then(|g| g.get(&bytes));
+            let gloo_bw = theirs.map(|t| busbw_gbs(bytes, t.0, world));
             rows.push(serde_json::json!({
                 "world": world,
                 "bytes": bytes,
@@ -341,9 +342,9 @@ fn main() -> anyhow::Result<()> {
                 "ring_busbw_gbs": ours,
                 "ring_cpu_ms": cpu * 1e3,
                 "gloo_us": theirs.map(|t| t.0 * 1e6),
-                "gloo_busbw_gbs": theirs.map(|t| busbw_gbs(bytes, t.0, world)),
+                "gloo_busbw_gbs": gloo_bw,
                 "gloo_cpu_ms": theirs.map(|t| t.1 * 1e3),
-                "ratio": theirs.map(|t| ours / busbw_gbs(bytes, t.0, world)),
+                "ratio": gloo_bw.map(|g| ours / g),
             }));
             let row = format!(
                 "{:>9} | {:>10.1} | {:>10.3} | {:>8.2}",
@@ -352,18 +353,15 @@ fn main() -> anyhow::Result<()> {
                 ours,
                 cpu * 1e3
             );
-            match gloo.as_ref().and_then(|g| g.get(&bytes)) {
-                Some(&(g, gcpu)) => {
-                    let theirs = busbw_gbs(bytes, g, world);
-                    println!(
-                        "{row} | {:>10.1} | {:>10.3} | {:>8.2} | {:>6.2}",
-                        g * 1e6,
-                        theirs,
-                        gcpu * 1e3,
-                        ours / theirs
-                    );
-                }
-                None => println!(
+            match (theirs, gloo_bw) {
+                (Some(&(g, gcpu)), Some(bw)) => println!(
+                    "{row} | {:>10.1} | {:>10.3} | {:>8.2} | {:>6.2}",
+                    g * 1e6,
+                    bw,
+                    gcpu * 1e3,
+                    ours / bw
+                ),
+                _ => println!(
                     "{row} | {:>10} | {:>10} | {:>8} | {:>6}",
                     "-", "-", "-", "-"
                 ),
