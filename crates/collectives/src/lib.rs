@@ -58,9 +58,10 @@ pub mod nccl;
 pub mod options;
 pub mod reference;
 pub mod ring;
+mod shm;
 
 pub use element::{DType, Element, ReduceOp};
 pub use error::{CollectiveError, Result};
 pub use nccl::{NcclDType, NcclGroup, NcclUniqueId, nccl_available};
 pub use options::{GroupOptions, GroupSpec};
-pub use ring::{RingGroup, bind_listener};
+pub use ring::{RingGroup, Transport, bind_listener};

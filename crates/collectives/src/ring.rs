@@ -16,18 +16,43 @@ use crate::error::{CollectiveError, Result};
 use crate::frame::{Header, Kind, op_code};
 use crate::link;
 use crate::options::{GroupOptions, GroupSpec};
+use crate::shm;
 
 /// Longest a single handshake may take, so a stranger that connects and stays silent delays the
 /// formation of the group by at most this much per connection.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A fixed group of `world` processes joined in a TCP ring. Not `Clone`; one per process and group.
+/// How a group's all-reduce moves data (fixed when the group forms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A world of one: nothing moves.
+    Solo,
+    /// The TCP ring.
+    Tcp,
+    /// A shared-memory segment (every rank on this host); the other collectives use the ring.
+    SharedMemory,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Solo => "solo",
+            Self::Tcp => "tcp",
+            Self::SharedMemory => "shm",
+        }
+    }
+}
+
+/// A fixed group of `world` processes joined in a TCP ring (and, when they share a host, a
+/// shared-memory segment for all-reduce). Not `Clone`; one per process and group.
 pub struct RingGroup {
     pub(crate) rank: usize,
     pub(crate) world: usize,
     options: GroupOptions,
     /// `None` for a world of one, and after the group was poisoned.
     pub(crate) links: Option<Links>,
+    /// The shared-memory segment, when the whole group shares this host.
+    local: Option<shm::Segment>,
     seq: u64,
     poisoned: bool,
 }
@@ -39,6 +64,7 @@ impl std::fmt::Debug for RingGroup {
             .field("world", &self.world)
             .field("seq", &self.seq)
             .field("poisoned", &self.poisoned)
+            .field("transport", &self.transport())
             .finish()
     }
 }
@@ -77,6 +103,7 @@ impl RingGroup {
             world,
             options,
             links: None,
+            local: None,
             seq: 0,
             poisoned: false,
         };
@@ -103,12 +130,23 @@ impl RingGroup {
             link::tune(s, group.options.socket_buffer_bytes)
                 .map_err(|e| CollectiveError::Connect(format!("socket options: {e}")))?;
         }
-        group.links = Some(Links {
+        let mut links = Links {
             next,
             next_rank,
             prev,
             prev_rank,
-        });
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        group.local = shm::negotiate(
+            &mut links,
+            rank,
+            world,
+            group.options.shared_memory,
+            group.options.shm_chunk_bytes,
+            left.max(Duration::from_millis(1)),
+        )
+        .map_err(|e| CollectiveError::Connect(e.to_string()))?;
+        group.links = Some(links);
         Ok(group)
     }
 
@@ -119,8 +157,18 @@ impl RingGroup {
             world: 1,
             options,
             links: None,
+            local: None,
             seq: 0,
             poisoned: false,
+        }
+    }
+
+    /// How all-reduce moves data in this group.
+    pub fn transport(&self) -> Transport {
+        match (self.world, &self.local) {
+            (1, _) => Transport::Solo,
+            (_, Some(_)) => Transport::SharedMemory,
+            _ => Transport::Tcp,
         }
     }
 
@@ -148,9 +196,22 @@ impl RingGroup {
     }
 
     /// Gives up on the group: closes both connections so the neighbours fail at once (and, by
-    /// doing the same, the rest of the ring). Used on errors and by a worker told to regroup.
+    /// doing the same, the rest of the ring), and raises the shared segment's abort word so ranks
+    /// waiting in a shared-memory all-reduce fail at once too. Used on errors and by a worker told
+    /// to regroup.
     pub fn abort(&mut self) {
+        if let Some(seg) = &self.local {
+            seg.abort();
+        }
+        self.close();
+    }
+
+    /// Leaves the group without raising the abort word: peers that already finished their
+    /// operations are not disturbed, and peers still waiting for this rank see its connections
+    /// close.
+    fn close(&mut self) {
         self.poisoned = true;
+        self.local = None;
         if let Some(links) = self.links.take() {
             let _ = links.next.shutdown(Shutdown::Both);
             let _ = links.prev.shutdown(Shutdown::Both);
@@ -202,6 +263,12 @@ impl RingGroup {
             return Ok(());
         }
         let header = self.next_header(Kind::AllReduce, T::DTYPE, op_code(op), 0, buf.len() as u64);
+        if let (Some(seg), Some(links)) = (self.local.as_mut(), self.links.as_mut()) {
+            let divisor = (op == ReduceOp::Average).then_some(self.world);
+            let timeout = self.options.timeout;
+            let result = seg.all_reduce(links, &header, buf, divisor, timeout);
+            return result.map_err(|e| self.fail(e));
+        }
         let bounds = engine::segment_bounds(buf.len(), self.world);
         let steps = engine::all_reduce_steps(self.rank, self.world);
         self.run(&header, buf, &bounds, &steps, "all_reduce")?;
@@ -279,8 +346,10 @@ impl RingGroup {
 
 impl Drop for RingGroup {
     fn drop(&mut self) {
-        // Close promptly so peers still inside an operation fail instead of waiting for a timeout.
-        self.abort();
+        // Close promptly so peers still inside an operation fail instead of waiting for a
+        // timeout (a rank only drops its group between its own operations, so peers that are
+        // behind still get every result they need from it).
+        self.close();
     }
 }
 

@@ -34,10 +34,21 @@ fn error_of(p: &mut Peer, since: Instant) -> (String, Duration) {
 
 #[test]
 fn sigkill_mid_operation_fails_fast_then_survivors_rebuild() {
+    for shm in ["on", "off"] {
+        sigkill_case(shm);
+    }
+}
+
+fn sigkill_case(shm: &str) {
     // A 10 s deadline: failing within 3 s shows the failure was detected, not timed out.
-    let mut peers = spawn_group(4, &["--timeout-ms", "10000"]);
+    let mut peers = spawn_group(4, &["--timeout-ms", "10000", "--shared-memory", shm]);
+    let transport = if shm == "on" {
+        "READY shm"
+    } else {
+        "READY tcp"
+    };
     for p in peers.iter_mut() {
-        assert_eq!(p.line(), "READY");
+        assert_eq!(p.line(), transport);
         p.send("LOOP 4000000");
     }
     wait_looping(&mut peers);
@@ -47,9 +58,12 @@ fn sigkill_mid_operation_fails_fast_then_survivors_rebuild() {
         let (kind, took) = error_of(&mut peers[rank], killed_at);
         assert!(
             matches!(kind.as_str(), "PeerLost" | "Io"),
-            "rank {rank}: {kind}"
+            "rank {rank} ({shm}): {kind}"
         );
-        assert!(took < Duration::from_secs(3), "rank {rank} took {took:?}");
+        assert!(
+            took < Duration::from_secs(3),
+            "rank {rank} ({shm}) took {took:?}"
+        );
     }
 
     // Rebuild in the same processes: new ports, new membership (world 3, new ranks).
@@ -69,7 +83,7 @@ fn sigkill_mid_operation_fails_fast_then_survivors_rebuild() {
         p.send(&format!("GROUP {rank} 3 {list}"));
     }
     for p in survivors.iter_mut() {
-        assert_eq!(p.line(), "READY");
+        assert_eq!(p.line(), transport);
         p.send("ALLREDUCE f32 1001 sum 5");
     }
     let inputs: Vec<Vec<f32>> = (0..3).map(|r| test_pattern(5, r, 1001)).collect();
@@ -84,10 +98,16 @@ fn sigkill_mid_operation_fails_fast_then_survivors_rebuild() {
 
 #[test]
 fn sigstop_hits_the_deadline_on_every_survivor() {
+    for shm in ["on", "off"] {
+        sigstop_case(shm);
+    }
+}
+
+fn sigstop_case(shm: &str) {
     let deadline = Duration::from_millis(1500);
-    let mut peers = spawn_group(3, &["--timeout-ms", "1500"]);
+    let mut peers = spawn_group(3, &["--timeout-ms", "1500", "--shared-memory", shm]);
     for p in peers.iter_mut() {
-        assert_eq!(p.line(), "READY");
+        assert!(p.line().starts_with("READY "));
         p.send("LOOP 2000000");
     }
     wait_looping(&mut peers);
@@ -166,7 +186,7 @@ fn strangers_are_refused_and_the_group_still_forms() {
 
     peers[1].send(&format!("GROUP 1 2 {list}"));
     for p in peers.iter_mut() {
-        assert_eq!(p.line(), "READY");
+        assert_eq!(p.line(), "READY shm");
         p.send("ALLREDUCE f32 10 sum 1");
     }
     let a = peers[0].line();

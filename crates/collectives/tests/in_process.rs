@@ -6,9 +6,23 @@ mod support;
 use half::bf16;
 use protodino_collectives::reference::{ring_sum, test_pattern};
 use protodino_collectives::{CollectiveError, Element, GroupOptions, ReduceOp, RingGroup};
-use support::{in_process_groups, opts};
+use support::{expected_transport, in_process_groups, opts, tcp_opts};
+
+/// The transports, and the shared-memory one with a one-page chunk (many rounds, so chunk
+/// boundaries cut through ring segments and both slot sets are reused many times).
+fn all_options() -> Vec<GroupOptions> {
+    vec![
+        opts(),
+        tcp_opts(),
+        GroupOptions {
+            shm_chunk_bytes: 4096,
+            ..opts()
+        },
+    ]
+}
 
 fn check_all_reduce<T: Element + PartialEq + std::fmt::Debug>(
+    options: &GroupOptions,
     world: usize,
     len: usize,
     op: ReduceOp,
@@ -20,7 +34,8 @@ fn check_all_reduce<T: Element + PartialEq + std::fmt::Debug>(
     if op == ReduceOp::Average {
         T::divide(&mut expected, world);
     }
-    let outputs = in_process_groups(world, opts(), |mut g| {
+    let outputs = in_process_groups(world, options.clone(), |mut g| {
+        assert_eq!(g.transport().as_str(), expected_transport(world, options));
         let mut buf = inputs[g.rank()].clone();
         g.all_reduce(&mut buf, op).unwrap();
         buf
@@ -30,7 +45,7 @@ fn check_all_reduce<T: Element + PartialEq + std::fmt::Debug>(
         let same = out.iter().zip(&expected).all(|(a, b)| bits(*a) == bits(*b));
         assert!(
             same && out.len() == expected.len(),
-            "world {world} len {len} rank {rank} {op:?}"
+            "world {world} len {len} rank {rank} {op:?} {options:?}"
         );
     }
 }
@@ -41,13 +56,121 @@ fn bits<T: Element>(v: T) -> u32 {
 
 #[test]
 fn all_reduce_matches_the_single_process_ring_sum() {
-    for world in 1..=4 {
-        for len in [0, 1, 3, 7, 1000, 65_537, 300_001] {
-            check_all_reduce::<f32>(world, len, ReduceOp::Sum);
+    for options in all_options() {
+        for world in 1..=4 {
+            for len in [0, 1, 3, 7, 1000, 65_537, 300_001] {
+                check_all_reduce::<f32>(&options, world, len, ReduceOp::Sum);
+            }
+            check_all_reduce::<f32>(&options, world, 10_001, ReduceOp::Average);
+            check_all_reduce::<bf16>(&options, world, 70_001, ReduceOp::Sum);
+            check_all_reduce::<bf16>(&options, world, 999, ReduceOp::Average);
         }
-        check_all_reduce::<f32>(world, 10_001, ReduceOp::Average);
-        check_all_reduce::<bf16>(world, 70_001, ReduceOp::Sum);
-        check_all_reduce::<bf16>(world, 999, ReduceOp::Average);
+    }
+}
+
+#[test]
+fn back_to_back_operations_of_every_size_interleaved_with_socket_collectives() {
+    // One-shot and chunked all-reduces in a row (both slot sets and both header slots reused),
+    // with ring collectives in between: a rank that races ahead into a barrier sends socket data
+    // to a neighbour still finishing its shared-memory rounds, which must not be an error.
+    let lens = [1usize, 5000, 0, 300_000, 7, 1 << 18, 3, 9000];
+    for options in all_options() {
+        for world in [2, 3, 4] {
+            let inputs: Vec<Vec<Vec<f32>>> = (0..world)
+                .map(|r| {
+                    lens.iter()
+                        .enumerate()
+                        .map(|(i, &len)| test_pattern(i as u64, r, len))
+                        .collect()
+                })
+                .collect();
+            let outputs = in_process_groups(world, options.clone(), |mut g| {
+                let mut outs = Vec::new();
+                for round in 0..3 {
+                    for (i, input) in inputs[g.rank()].iter().enumerate() {
+                        let mut buf = input.clone();
+                        g.all_reduce(&mut buf, ReduceOp::Sum).unwrap();
+                        if (i + round) % 3 == 0 {
+                            g.barrier().unwrap();
+                        }
+                        outs.push(buf);
+                    }
+                }
+                outs
+            });
+            for (i, _) in lens.iter().enumerate() {
+                let per_rank: Vec<Vec<f32>> = inputs.iter().map(|r| r[i].clone()).collect();
+                let expected = ring_sum(&per_rank);
+                for (rank, outs) in outputs.iter().enumerate() {
+                    for round in 0..3 {
+                        assert!(
+                            outs[round * lens.len() + i]
+                                .iter()
+                                .zip(&expected)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "world {world} rank {rank} op {i} round {round} {options:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn transport_is_shared_memory_only_if_every_rank_agrees() {
+    // One rank with the option off: the whole group keeps the TCP ring, and it still works.
+    let listeners: Vec<_> = (0..3)
+        .map(|_| protodino_collectives::bind_listener("127.0.0.1:0", &opts()).unwrap())
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let spec = protodino_collectives::GroupSpec {
+                    rank,
+                    world: 3,
+                    peers: peers.clone(),
+                    secret: support::SECRET.to_vec(),
+                };
+                let options = if rank == 1 { tcp_opts() } else { opts() };
+                s.spawn(move || {
+                    let mut g = RingGroup::connect(&spec, listener, options).unwrap();
+                    let mut v = vec![rank as f32; 1000];
+                    g.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                    (g.transport().as_str(), v[999])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results, vec![("tcp", 3.0); 3]);
+}
+
+#[test]
+fn an_aborting_rank_fails_the_shared_memory_group_at_once() {
+    // Rank 1 gives up (as a worker told to regroup does) while the others wait for it inside a
+    // shared-memory all-reduce: they fail in about one wait slice, far inside the deadline.
+    let outputs = in_process_groups(3, opts(), |mut g| {
+        let started = std::time::Instant::now();
+        if g.rank() == 1 {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            g.abort();
+            return None;
+        }
+        let err = g
+            .all_reduce(&mut vec![1.0f32; 100_000], ReduceOp::Sum)
+            .unwrap_err();
+        Some((err.is_peer_failure(), started.elapsed()))
+    });
+    for (failed, took) in outputs.into_iter().flatten() {
+        assert!(failed);
+        assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
     }
 }
 
@@ -108,24 +231,48 @@ fn all_gather_broadcast_barrier_and_buckets() {
 
 #[test]
 fn mismatched_calls_are_an_error_not_garbage() {
-    let outputs = in_process_groups(2, opts(), |mut g| {
-        let mut buf = vec![1.0f32; 10 + g.rank()];
-        let first = g.all_reduce(&mut buf, ReduceOp::Sum);
-        let second = g.barrier();
-        (first, second)
-    });
-    for (first, second) in outputs {
-        assert!(
-            matches!(
-                first,
-                Err(CollectiveError::Mismatch { .. }) | Err(CollectiveError::PeerLost { .. })
-            ),
-            "{first:?}"
-        );
-        assert!(
-            matches!(second, Err(CollectiveError::Poisoned)),
-            "{second:?}"
-        );
+    for options in [opts(), tcp_opts()] {
+        for world in [2, 3] {
+            // Lengths differ (one-shot and chunked), then the collectives themselves differ.
+            for (len0, len1) in [(10, 11), (1_000_000, 1_000_001)] {
+                let outputs = in_process_groups(world, options.clone(), |mut g| {
+                    let mut buf = vec![1.0f32; if g.rank() == 1 { len1 } else { len0 }];
+                    let first = g.all_reduce(&mut buf, ReduceOp::Sum);
+                    let second = g.barrier();
+                    (first, second)
+                });
+                for (first, second) in outputs {
+                    assert!(
+                        matches!(
+                            first,
+                            Err(CollectiveError::Mismatch { .. })
+                                | Err(CollectiveError::PeerLost { .. })
+                        ),
+                        "{first:?}"
+                    );
+                    assert!(
+                        matches!(second, Err(CollectiveError::Poisoned)),
+                        "{second:?}"
+                    );
+                }
+            }
+            let started = std::time::Instant::now();
+            let outputs = in_process_groups(world, options.clone(), |mut g| {
+                if g.rank() == 1 {
+                    g.barrier()
+                } else {
+                    g.all_reduce(&mut vec![1.0f32; 100], ReduceOp::Sum)
+                }
+            });
+            for out in outputs {
+                assert!(out.is_err(), "{out:?}");
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(8),
+                "{:?}",
+                started.elapsed()
+            );
+        }
     }
 }
 
@@ -147,7 +294,7 @@ fn odd_chunk_sizes_on_both_engines() {
     // 333_333 f32 (1.3 MB) take the two-thread engine, the rest the one-thread loop.
     let options = GroupOptions {
         chunk_bytes: 4100,
-        ..opts()
+        ..tcp_opts()
     };
     for world in [2, 3] {
         let inputs: Vec<Vec<f32>> = (0..world).map(|r| test_pattern(3, r, 333_333)).collect();
@@ -169,28 +316,30 @@ fn odd_chunk_sizes_on_both_engines() {
 
 #[test]
 fn a_rank_that_never_arrives_hits_the_deadline() {
-    let options = GroupOptions {
-        timeout: std::time::Duration::from_millis(300),
-        ..opts()
-    };
-    let outputs = in_process_groups(3, options, |mut g| {
-        if g.rank() == 1 {
-            // Stays in the group but never enters the collective, then leaves after the others.
-            std::thread::sleep(std::time::Duration::from_millis(1500));
-            return None;
+    for base in [opts(), tcp_opts()] {
+        let options = GroupOptions {
+            timeout: std::time::Duration::from_millis(300),
+            ..base
+        };
+        let outputs = in_process_groups(3, options, |mut g| {
+            if g.rank() == 1 {
+                // Stays in the group but never enters the collective, then leaves after the others.
+                std::thread::sleep(std::time::Duration::from_millis(1500));
+                return None;
+            }
+            let started = std::time::Instant::now();
+            let mut big = vec![1.0f32; 2_000_000];
+            let err = g.all_reduce(&mut big, ReduceOp::Sum).unwrap_err();
+            Some((
+                err.is_peer_failure(),
+                started.elapsed(),
+                g.all_reduce(&mut big, ReduceOp::Sum).is_err(),
+            ))
+        });
+        for (failed, took, still_failing) in outputs.into_iter().flatten() {
+            assert!(failed && still_failing);
+            assert!(took < std::time::Duration::from_millis(1200), "{took:?}");
         }
-        let started = std::time::Instant::now();
-        let mut big = vec![1.0f32; 2_000_000];
-        let err = g.all_reduce(&mut big, ReduceOp::Sum).unwrap_err();
-        Some((
-            err.is_peer_failure(),
-            started.elapsed(),
-            g.all_reduce(&mut big, ReduceOp::Sum).is_err(),
-        ))
-    });
-    for (failed, took, still_failing) in outputs.into_iter().flatten() {
-        assert!(failed && still_failing);
-        assert!(took < std::time::Duration::from_millis(1200), "{took:?}");
     }
 }
 

@@ -40,12 +40,21 @@ fn run_case(peers: &mut [support::Peer], dtype: &str, len: usize, average: bool,
     }
 }
 
+/// The transport a group of `world` ranks reports with `--shared-memory on|off`.
+fn ready(world: usize, shm: &str) -> &'static str {
+    match (world, shm) {
+        (1, _) => "READY solo",
+        (_, "on") => "READY shm",
+        _ => "READY tcp",
+    }
+}
+
 #[test]
 fn worlds_one_to_four_with_odd_lengths() {
-    for world in 1..=4 {
-        let mut peers = spawn_group(world, &[]);
+    for (world, shm) in (1..=4).flat_map(|w| [(w, "on"), (w, "off")]) {
+        let mut peers = spawn_group(world, &["--shared-memory", shm]);
         for p in peers.iter_mut() {
-            assert_eq!(p.line(), "READY");
+            assert_eq!(p.line(), ready(world, shm));
         }
         run_case(&mut peers, "f32", 1, false, 11);
         run_case(&mut peers, "f32", 1_000_003, false, 12);
@@ -60,9 +69,11 @@ fn worlds_one_to_four_with_odd_lengths() {
 
 #[test]
 fn one_hundred_megabytes_world_three() {
-    let mut peers = spawn_group(3, &["--timeout-ms", "20000"]);
-    for p in peers.iter_mut() {
-        assert_eq!(p.line(), "READY");
+    for shm in ["on", "off"] {
+        let mut peers = spawn_group(3, &["--timeout-ms", "20000", "--shared-memory", shm]);
+        for p in peers.iter_mut() {
+            assert_eq!(p.line(), ready(3, shm));
+        }
+        run_case(&mut peers, "f32", 25_000_000, false, 100);
     }
-    run_case(&mut peers, "f32", 25_000_000, false, 100);
 }

@@ -1,12 +1,15 @@
-//! All-reduce bus bandwidth of the TCP ring against `torch.distributed` (gloo) on the same
-//! machine, in the same run, printed as one table per world size.
+//! All-reduce bus bandwidth of protodino's transports (the shared-memory segment that a group on
+//! one host uses, and the TCP ring that it uses across hosts) against `torch.distributed` (gloo)
+//! on the same machine, in the same run, printed as one table per world size.
 //!
 //! ```text
 //! protodino-collectives-bench [--worlds 2,4] [--min-bytes 1024] [--max-bytes 268435456]
+//!                             [--transports shm,tcp]
 //!                             [--python PY --gloo-script crates/collectives/reference/bench_gloo.py]
 //!                             [--trials 5] [--rounds 1] [--json OUT.json]
 //! ```
-//! Without `--python` only the ring is measured. "cpu" columns: user + system CPU milliseconds per
+//! Without `--python` only protodino is measured. A worker fails if its group did not form the
+//! transport it was asked for, so a column never measures the other transport. "cpu" columns: user + system CPU milliseconds per
 //! call summed over all ranks (`getrusage`), the cost that matters when ranks share cores. Bus bandwidth follows nccl-tests:
 //! `busbw = bytes / time × 2 (W − 1) / W`, time being the slowest rank's mean per call, f32 sums,
 //! sizes doubling from `--min-bytes` to `--max-bytes`: 2 warm-up calls, then `--trials` (5) timed
@@ -32,11 +35,14 @@ struct Args {
     python: Option<String>,
     gloo_script: String,
     worker: bool,
+    /// Transports to measure (`shm`, `tcp`), each its own column.
+    transports: Vec<String>,
     /// Ring tuning (defaults: [`GroupOptions::default`]).
     chunk_bytes: usize,
     socket_buffer_bytes: usize,
     sender_thread_min_bytes: Option<usize>,
     spin_us: u64,
+    shm_chunk_bytes: usize,
     /// Timed trials per size; the fastest counts (the machine is shared, so slower trials
     /// measure the neighbours). Same rule in the gloo script.
     trials: usize,
@@ -54,6 +60,8 @@ fn parse_args() -> anyhow::Result<Args> {
         python: None,
         gloo_script: "crates/collectives/reference/bench_gloo.py".into(),
         worker: false,
+        transports: vec!["shm".into(), "tcp".into()],
+        shm_chunk_bytes: GroupOptions::default().shm_chunk_bytes,
         chunk_bytes: GroupOptions::default().chunk_bytes,
         socket_buffer_bytes: GroupOptions::default().socket_buffer_bytes,
         trials: 5,
@@ -81,6 +89,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--python" => a.python = Some(v.clone()),
             "--gloo-script" => a.gloo_script = v.clone(),
             "--spin-us" => a.spin_us = v.parse()?,
+            "--transports" => a.transports = v.split(',').map(str::to_string).collect(),
+            "--shm-chunk-bytes" => a.shm_chunk_bytes = v.parse()?,
             "--sender-thread-min-bytes" => a.sender_thread_min_bytes = Some(v.parse()?),
             "--trials" => a.trials = v.parse::<usize>()?.max(1),
             "--json" => a.json = Some(v.clone()),
@@ -90,6 +100,13 @@ fn parse_args() -> anyhow::Result<Args> {
             _ => bail!("unknown flag {flag}"),
         }
         i += 2;
+    }
+    if let Some(t) = a
+        .transports
+        .iter()
+        .find(|t| !["shm", "tcp"].contains(&t.as_str()))
+    {
+        bail!("--transports: unknown transport {t:?} (shm, tcp)");
     }
     if a.min_bytes < 4 || a.max_bytes < a.min_bytes {
         bail!("need 4 <= --min-bytes <= --max-bytes");
@@ -113,7 +130,10 @@ fn iterations(bytes: usize) -> usize {
 
 /// One rank: rendezvous over stdin/stdout, then time every size; rank 0 prints `RESULT` lines.
 fn worker(args: &Args) -> anyhow::Result<()> {
+    let transport = args.transports.first().context("--transports")?.as_str();
     let options = GroupOptions {
+        shared_memory: transport == "shm",
+        shm_chunk_bytes: args.shm_chunk_bytes,
         chunk_bytes: args.chunk_bytes,
         socket_buffer_bytes: args.socket_buffer_bytes,
         sender_thread_min_bytes: args.sender_thread_min_bytes,
@@ -136,6 +156,12 @@ fn worker(args: &Args) -> anyhow::Result<()> {
         secret: SECRET.to_vec(),
     };
     let mut group = RingGroup::connect(&spec, listener, options)?;
+    if group.transport().as_str() != transport {
+        bail!(
+            "asked for the {transport} transport, the group formed {}",
+            group.transport().as_str()
+        );
+    }
     let mut buf = vec![0.0f32; args.max_bytes / 4];
     for bytes in sizes(args.min_bytes, args.max_bytes) {
         let slice = &mut buf[..bytes / 4];
@@ -170,8 +196,12 @@ fn worker(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the ring at `world` and returns seconds per call by size.
-fn run_ring(args: &Args, world: usize) -> anyhow::Result<BTreeMap<usize, (f64, f64)>> {
+/// Runs protodino's `transport` at `world` and returns (seconds, CPU seconds) per call by size.
+fn run_ours(
+    args: &Args,
+    transport: &str,
+    world: usize,
+) -> anyhow::Result<BTreeMap<usize, (f64, f64)>> {
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     let mut addrs = Vec::new();
@@ -184,6 +214,8 @@ fn run_ring(args: &Args, world: usize) -> anyhow::Result<BTreeMap<usize, (f64, f
                 "--max-bytes",
                 &args.max_bytes.to_string(),
             ])
+            .args(["--transports", transport])
+            .args(["--shm-chunk-bytes", &args.shm_chunk_bytes.to_string()])
             .args(["--chunk-bytes", &args.chunk_bytes.to_string()])
             .args([
                 "--socket-buffer-bytes",
@@ -223,7 +255,7 @@ fn run_ring(args: &Args, world: usize) -> anyhow::Result<BTreeMap<usize, (f64, f
     let results = parse_results(&text)?;
     for (mut child, _) in children {
         if !child.wait()?.success() {
-            bail!("a ring worker failed");
+            bail!("a {transport} worker failed");
         }
     }
     Ok(results)
@@ -305,67 +337,80 @@ fn main() -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     for &world in &args.worlds {
-        // Each round starts fresh processes on both sides, ring then gloo; per size the fastest
-        // round counts on each side. On the 2-core build machine the same binary's 64 MiB call
-        // is 29-30 ms or 37-40 ms depending on the process start (the whole profile scales,
-        // not one function), so one start per side measures luck as much as the code.
-        let mut ring = BTreeMap::new();
-        let mut gloo = args.python.as_ref().map(|_| BTreeMap::new());
+        // Each round starts fresh processes on every side (protodino's transports, then gloo);
+        // per size the fastest round counts on each side. On the 2-core build machine the TCP
+        // ring's 64 MiB call is 29-30 ms or 37-40 ms depending on the process start (the whole
+        // profile scales, not one function), so one start per side measures luck as much as the
+        // code.
+        let mut ours: Vec<BTreeMap<usize, (f64, f64)>> =
+            vec![BTreeMap::new(); args.transports.len()];
+        let mut gloo = BTreeMap::new();
         for _ in 0..args.rounds {
-            keep_fastest(&mut ring, run_ring(&args, world)?);
-            if let (Some(py), Some(g)) = (&args.python, gloo.as_mut()) {
-                keep_fastest(g, run_gloo(&args, py, world)?);
+            for (t, transport) in args.transports.iter().enumerate() {
+                keep_fastest(&mut ours[t], run_ours(&args, transport, world)?);
+            }
+            if let Some(py) = &args.python {
+                keep_fastest(&mut gloo, run_gloo(&args, py, world)?);
             }
         }
         println!(
-            "\nall-reduce f32 sum, world {world}, loopback, bus bandwidth GB/s (nccl-tests formula)"
+            "\nall-reduce f32 sum, world {world}, one host, bus bandwidth GB/s (nccl-tests formula); \
+             cpu = CPU ms per call, all ranks"
         );
-        println!(
-            "{:>9} | {:>10} | {:>10} | {:>8} | {:>10} | {:>10} | {:>8} | {:>6}",
-            "size",
-            "ring us",
-            "ring busbw",
-            "ring cpu",
-            "gloo us",
-            "gloo busbw",
-            "gloo cpu",
-            "ratio"
-        );
-        for (&bytes, &(secs, cpu)) in &ring {
-            let ours = busbw_gbs(bytes, secs, world);
-            let theirs = gloo.as_ref().and_then(|g| g.get(&bytes));
-            let gloo_bw = theirs.map(|t| busbw_gbs(bytes, t.0, world));
-            rows.push(serde_json::json!({
-                "world": world,
-                "bytes": bytes,
-                "ring_us": secs * 1e6,
-                "ring_busbw_gbs": ours,
-                "ring_cpu_ms": cpu * 1e3,
-                "gloo_us": theirs.map(|t| t.0 * 1e6),
-                "gloo_busbw_gbs": gloo_bw,
-                "gloo_cpu_ms": theirs.map(|t| t.1 * 1e3),
-                "ratio": gloo_bw.map(|g| ours / g),
-            }));
-            let row = format!(
-                "{:>9} | {:>10.1} | {:>10.3} | {:>8.2}",
-                human(bytes),
-                secs * 1e6,
-                ours,
-                cpu * 1e3
+        let mut head = format!("{:>9}", "size");
+        let names: Vec<&str> = args
+            .transports
+            .iter()
+            .map(String::as_str)
+            .chain(args.python.as_ref().map(|_| "gloo"))
+            .collect();
+        for name in &names {
+            head += &format!(
+                " | {:>10} | {:>10} | {:>8}",
+                format!("{name} us"),
+                format!("{name} GB/s"),
+                format!("{name} cpu")
             );
-            match (theirs, gloo_bw) {
-                (Some(&(g, gcpu)), Some(bw)) => println!(
-                    "{row} | {:>10.1} | {:>10.3} | {:>8.2} | {:>6.2}",
-                    g * 1e6,
-                    bw,
-                    gcpu * 1e3,
-                    ours / bw
-                ),
-                _ => println!(
-                    "{row} | {:>10} | {:>10} | {:>8} | {:>6}",
-                    "-", "-", "-", "-"
-                ),
+        }
+        if args.python.is_some() {
+            for t in &args.transports {
+                head += &format!(" | {:>9}", format!("{t}/gloo"));
             }
+        }
+        println!("{head}");
+        for &bytes in ours[0].keys() {
+            let mut row = serde_json::json!({ "world": world, "bytes": bytes });
+            let mut line = format!("{:>9}", human(bytes));
+            let sides: Vec<Option<&(f64, f64)>> = ours
+                .iter()
+                .map(|m| m.get(&bytes))
+                .chain(args.python.as_ref().map(|_| gloo.get(&bytes)))
+                .collect();
+            let bw: Vec<Option<f64>> = sides
+                .iter()
+                .map(|s| s.map(|&(secs, _)| busbw_gbs(bytes, secs, world)))
+                .collect();
+            for ((name, side), bw) in names.iter().zip(&sides).zip(&bw) {
+                row[format!("{name}_us")] = serde_json::json!(side.map(|s| s.0 * 1e6));
+                row[format!("{name}_busbw_gbs")] = serde_json::json!(bw);
+                row[format!("{name}_cpu_ms")] = serde_json::json!(side.map(|s| s.1 * 1e3));
+                line += &match (side, bw) {
+                    (Some((secs, cpu)), Some(bw)) => {
+                        format!(" | {:>10.1} | {bw:>10.3} | {:>8.2}", secs * 1e6, cpu * 1e3)
+                    }
+                    _ => format!(" | {:>10} | {:>10} | {:>8}", "-", "-", "-"),
+                };
+            }
+            if args.python.is_some() {
+                let theirs = bw[bw.len() - 1];
+                for (t, transport) in args.transports.iter().enumerate() {
+                    let ratio = bw[t].zip(theirs).map(|(a, b)| a / b);
+                    row[format!("{transport}_ratio")] = serde_json::json!(ratio);
+                    line += &ratio.map_or(format!(" | {:>9}", "-"), |r| format!(" | {r:>9.2}"));
+                }
+            }
+            println!("{line}");
+            rows.push(row);
         }
     }
     if let Some(path) = &args.json {

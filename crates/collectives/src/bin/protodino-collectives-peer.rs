@@ -3,9 +3,10 @@
 //! SIGSTOP). Not used in production.
 //!
 //! ```text
-//! args:    [--secret S] [--timeout-ms N] [--connect-timeout-ms N]
+//! args:    [--secret S] [--timeout-ms N] [--connect-timeout-ms N] [--shared-memory on|off]
+//!          [--shm-chunk-bytes N]
 //! out:     PORT <port>                       (listening on 127.0.0.1)
-//! in:      GROUP <rank> <world> <a:p,b:q,…>  -> READY | ERR <kind> <ms> <message>
+//! in:      GROUP <rank> <world> <a:p,b:q,…>  -> READY <solo|tcp|shm> | ERR <kind> <ms> <message>
 //! in:      ALLREDUCE <f32|bf16> <len> <sum|avg> <seed>
 //!                                            -> OK <sha256 of the result bytes> | ERR …
 //! in:      LOOP <len>   all-reduce until an error, printing ITER <i>; then ERR …
@@ -92,6 +93,8 @@ fn main() -> anyhow::Result<()> {
             "--connect-timeout-ms" => {
                 options.connect_timeout = Duration::from_millis(value.parse()?)
             }
+            "--shared-memory" => options.shared_memory = value == "on",
+            "--shm-chunk-bytes" => options.shm_chunk_bytes = value.parse()?,
             other => bail!("unknown flag {other}"),
         }
         i += 2;
@@ -113,8 +116,8 @@ fn main() -> anyhow::Result<()> {
                 let l = listener.take().context("GROUP twice without REBIND")?;
                 match RingGroup::connect(&spec, l, options.clone()) {
                     Ok(g) => {
+                        say(&format!("READY {}", g.transport().as_str()));
                         group = Some(g);
-                        say("READY");
                     }
                     Err(e) => report(&e, started),
                 }

@@ -19,6 +19,23 @@ pub fn opts() -> GroupOptions {
     }
 }
 
+/// As [`opts`], with the shared-memory transport off: the TCP ring even on one host.
+pub fn tcp_opts() -> GroupOptions {
+    GroupOptions {
+        shared_memory: false,
+        ..opts()
+    }
+}
+
+/// The transport a group of `world` ranks on this host forms with `options`.
+pub fn expected_transport(world: usize, options: &GroupOptions) -> &'static str {
+    match (world, options.shared_memory) {
+        (1, _) => "solo",
+        (_, true) => "shm",
+        _ => "tcp",
+    }
+}
+
 /// Forms a group of `world` ranks in this process (one thread each) and returns `f`'s results in
 /// rank order.
 pub fn in_process_groups<R: Send, F: Fn(RingGroup) -> R + Sync>(
