@@ -3,7 +3,10 @@
 //! Two backends behind the same vocabulary ([`ReduceOp`], [`CollectiveError`], rank/world):
 //! - [`RingGroup`] — CPU tensors as host slices (`f32`, `bf16`): a TCP ring formed once per group
 //!   (authenticated, persistent, `TCP_NODELAY`), with a pipelined reduce-scatter + all-gather whose
-//!   results are bit-identical on every rank; also the trivial world of one.
+//!   results are bit-identical on every rank; also the trivial world of one. When every rank
+//!   turns out to share the host (checked as the group forms), all-reduce goes through a
+//!   shared-memory segment instead ([`Transport::SharedMemory`]): the same sums in the same order,
+//!   so the same bits, at 3–4× the TCP ring's bandwidth on one host.
 //! - [`NcclGroup`] — CUDA tensors as device pointers + stream: NCCL via `cudarc`, loaded at run
 //!   time, non-blocking communicators polled against a deadline.
 //!
@@ -34,6 +37,7 @@
 //! - `options`   — [`GroupSpec`] (rank, world, peers, secret) and [`GroupOptions`] (deadlines, sizes)
 //! - `ring`      — [`RingGroup`]: forming the ring, all-reduce, all-gather, barrier, abort
 //! - `engine`    — the pipelined ring schedule and its one-thread, poll-driven loop
+//! - `shm`       — the shared-memory all-reduce of a group on one host (forming, rounds, waits)
 //! - `duplex`    — the two-thread variant for large buffers (sender thread + receiving thread)
 //! - `broadcast` — streamed broadcast from any rank (`Read` at the root, `Write` elsewhere)
 //! - `bucket`    — many tensors at once through flat buckets (DDP-style, 25 MiB default)
