@@ -1,11 +1,12 @@
 //! `protodino`: the command-line interface of protodino. `main` only parses arguments and
 //! dispatches; each command lives in its own module:
-//! - `train` (train.rs): single-process training with progress, checkpoints, collapse figures,
-//!   and a final report;
+//! - `train` (train.rs): training with progress, checkpoints, collapse figures and a final
+//!   report, in one process or as one rank of a data-parallel group (dist.rs);
 //! - `prototypes` (prototypes.rs): unique-prototype analysis of any checkpoint;
 //! - `replay` (replay.rs): recompute or re-apply one step of a saved batch;
 //! - `knn`, `linear`, `fewshot` (eval.rs): evaluation of a checkpoint's teacher.
 
+mod dist;
 mod eval;
 mod prototypes;
 mod replay;
@@ -62,7 +63,8 @@ fn parse_format(s: &str) -> Result<protodino_config::DatasetFormat, String> {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Train DINO + KoLeo-proto in this process (a world of one).
+    /// Train DINO + KoLeo-proto, alone or as one rank of a data-parallel group (--world > 1,
+    /// group secret in PROTODINO_GROUP_SECRET).
     Train {
         /// Configuration files, layered over configs/default.toml (then PROTODINO__* variables).
         #[arg(long, required = true)]
@@ -82,6 +84,18 @@ enum Cmd {
         /// JSON lines on stdout instead of a progress bar.
         #[arg(long)]
         json: bool,
+        /// Ranks of the data-parallel group (1: train alone).
+        #[arg(long, default_value_t = 1)]
+        world: usize,
+        /// This process's rank, 0..world; rank 0 owns checkpoints, analysis and evaluation.
+        #[arg(long, default_value_t = 0)]
+        rank: usize,
+        /// Every rank's address host:port, in rank order (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<String>,
+        /// Listen here instead of on this rank's entry of --peers (e.g. 0.0.0.0:29500).
+        #[arg(long)]
+        listen: Option<String>,
     },
     /// Unique prototypes and nearest-neighbour statistics of a checkpoint's prototype layer.
     Prototypes {
@@ -153,6 +167,10 @@ fn main() -> Result<()> {
             knn_train_limit,
             knn_test_limit,
             json,
+            world,
+            rank,
+            peers,
+            listen,
         } => train::run(train::TrainArgs {
             config,
             json,
@@ -160,6 +178,12 @@ fn main() -> Result<()> {
             output_dir,
             knn_train_limit,
             knn_test_limit,
+            dist: dist::DistArgs {
+                world,
+                rank,
+                peers,
+                listen,
+            },
         }),
         Cmd::Prototypes {
             checkpoint,

@@ -39,6 +39,13 @@ impl Reporter {
         })
     }
 
+    /// Prints nothing (the ranks other than 0 of a data-parallel run); the log file stays.
+    pub fn silent(mut self) -> Self {
+        self.bar.set_draw_target(ProgressDrawTarget::hidden());
+        self.json = false;
+        self
+    }
+
     /// Record one JSON object (a step, an analysis, an evaluation).
     pub fn record(&mut self, value: &Value) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.log, value)?;

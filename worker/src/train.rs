@@ -1,9 +1,13 @@
-//! `protodino train`: single-process DINO + KoLeo-proto training (a world of one).
+//! `protodino train`: DINO + KoLeo-proto training, in one process or as one rank of a
+//! data-parallel group (`dist.rs`).
 //!
 //! Data (the `protodino-data` loader, prefetching on its own threads) → the DINO step
-//! (`protodino-dino`) → collapse figures (`protodino-analysis`) every `eval.analysis_every_steps`
-//! → periodic checkpoints with retention → final report: losses, unique prototypes, k-NN.
-//! A run resumes from the newest checkpoint in its output directory.
+//! (`protodino-dino`, gradients and centre statistics all-reduced over the group) → collapse
+//! figures (`protodino-analysis`) every `eval.analysis_every_steps` → periodic checkpoints with
+//! retention → final report: losses, unique prototypes, k-NN. A run resumes from the newest
+//! checkpoint in its output directory. In a group, rank 0 owns the output (records, checkpoints,
+//! analysis, evaluation) and broadcasts its state to the others at the start, so every rank
+//! starts from the same weights, fresh or resumed; the other ranks log to `<output>/rank-<R>/`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,11 +19,12 @@ use protodino_analysis::{
 };
 use protodino_config::TrainConfig;
 use protodino_data::{Loader, MultiCropBatch, SharedDataset, epoch_permutation};
-use protodino_dino::{Batch, DinoTrainer, LocalReducer};
+use protodino_dino::{Batch, DinoTrainer};
 use protodino_models::{ForwardCtx, MultiCrop};
 use serde_json::json;
 use tch::{Kind, Tensor};
 
+use crate::dist::{Dist, DistArgs};
 use crate::report::Reporter;
 
 pub type Trainer = DinoTrainer<MultiCrop>;
@@ -263,6 +268,31 @@ pub struct TrainArgs {
     pub output_dir: Option<PathBuf>,
     pub knn_train_limit: usize,
     pub knn_test_limit: usize,
+    pub dist: DistArgs,
+}
+
+/// Sample ids of this rank's share of steps `first..last` of an epoch: the global batch of step
+/// `s` is entries `s·b·W .. (s+1)·b·W` of the epoch permutation, and rank `R` takes every `W`-th
+/// of them from `R` (official DINO's `DistributedSampler`, which deals the permutation out
+/// round-robin, batched in order).
+pub fn rank_batches(
+    perm: &[u64],
+    steps: std::ops::Range<usize>,
+    b: usize,
+    world: usize,
+    rank: usize,
+) -> Vec<Vec<u64>> {
+    steps
+        .map(|s| (0..b).map(|j| perm[(s * b + j) * world + rank]).collect())
+        .collect()
+}
+
+/// The trainer's whole state as checkpoint bytes (weights, optimiser, centre, step).
+fn state_bytes(trainer: &Trainer, scratch: &Path) -> Result<Vec<u8>> {
+    trainer.save_checkpoint(scratch)?;
+    let bytes = std::fs::read(scratch)?;
+    std::fs::remove_file(scratch)?;
+    Ok(bytes)
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -277,7 +307,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
     }
-    let out = PathBuf::from(&cfg.train.output_dir);
+    let dist = Dist::join(&args.dist)?;
+    let (world, rank, leader) = (dist.world, dist.rank, dist.is_leader());
+    let run_dir = PathBuf::from(&cfg.train.output_dir);
+    let out = if leader {
+        run_dir.clone()
+    } else {
+        run_dir.join(format!("rank-{rank}"))
+    };
     std::fs::create_dir_all(&out)?;
     std::fs::write(
         out.join("config.json"),
@@ -293,10 +330,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     })?;
     let n = train_set.len();
     let b = cfg.train.batch_size_per_worker as usize;
-    let steps_per_epoch = (n / b) as i64; // drop_last
+    let steps_per_epoch = (n / (b * world)) as i64; // drop_last
     anyhow::ensure!(
         steps_per_epoch > 0,
-        "{n} training images are fewer than one batch of {b}"
+        "{n} training images are fewer than one global batch of {world} x {b}"
     );
     let total_steps = {
         let all = steps_per_epoch * cfg.train.epochs;
@@ -307,25 +344,50 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     };
     let loader = Loader::new(train_set.clone(), &cfg.crops, &cfg.data, cfg.train.seed)?;
-    let mut trainer = build_trainer(&cfg, steps_per_epoch, 1)?;
+    let mut trainer = build_trainer(&cfg, steps_per_epoch, world)?;
     trainer.set_failure_dir(out.join("failures"));
-    if let Some((_, latest)) = checkpoints(&out).pop() {
+    if leader && let Some((_, latest)) = checkpoints(&out).pop() {
         trainer
             .load_checkpoint(&latest)
             .with_context(|| format!("resuming from {}", latest.display()))?;
     }
+    if world > 1 {
+        // Every rank starts from rank 0's state (fresh or resumed): same weights, optimiser,
+        // centre and step, whatever each process initialised on its own.
+        let scratch = out.join(format!(".state-rank-{rank}.safetensors"));
+        let mut bytes = if leader {
+            state_bytes(&trainer, &scratch)?
+        } else {
+            Vec::new()
+        };
+        dist.broadcast_bytes(&mut bytes)?;
+        if !leader {
+            std::fs::write(&scratch, &bytes)?;
+            trainer
+                .load_checkpoint(&scratch)
+                .context("loading the state broadcast by rank 0")?;
+            std::fs::remove_file(&scratch)?;
+        }
+    }
     let probe_ids = usage_ids(n, cfg.eval.usage_images as usize);
     let probe = (!probe_ids.is_empty()).then_some((&loader, probe_ids.as_slice()));
     let mut reporter = Reporter::new(&out, total_steps as u64, args.json)?;
+    if !leader {
+        reporter = reporter.silent();
+    }
     reporter.println(format!(
-        "protodino train: {n} images, {steps_per_epoch} steps/epoch, {total_steps} steps, K = {}, λ = {}, output {}{}",
+        "protodino train: {n} images, {steps_per_epoch} steps/epoch, {total_steps} steps, K = {}, λ = {}, output {}{}{}",
         cfg.head.out_dim,
         cfg.koleo.weight,
         out.display(),
+        if world > 1 {
+            format!(", {world} ranks ({} all-reduce), global batch {}", dist.transport(), b * world)
+        } else {
+            String::new()
+        },
         if trainer.step > 0 { format!(", resumed at step {}", trainer.step) } else { String::new() }
     ));
 
-    let reducer = LocalReducer;
     let mut skipped_total = 0usize;
     let mut last = None;
     let started = Instant::now();
@@ -337,9 +399,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let perm = epoch_permutation(cfg.train.seed, epoch as u64, n as u64);
         let last_in_epoch =
             (steps_per_epoch as usize).min(first + (total_steps - trainer.step) as usize);
-        let steps: Vec<Vec<u64>> = (first..last_in_epoch)
-            .map(|s| perm[s * b..(s + 1) * b].to_vec())
-            .collect();
+        let steps = rank_batches(&perm, first..last_in_epoch, b, world, rank);
         let mut stream = loader.epoch(epoch as u64, steps);
         while let Some(mb) = stream.next() {
             let t0 = Instant::now();
@@ -348,9 +408,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 reporter.println(format!("skipped record: {s:?}"));
             }
             let batch = to_batch(&mb);
-            images_seen += mb.batch_size;
+            // Global images: every rank takes the same share of each step.
+            images_seen += mb.batch_size * world;
             stream.recycle(mb);
-            let m = trainer.train_step(&batch, &reducer)?;
+            let mut m = trainer.train_step(&batch, &dist)?;
+            if world > 1 {
+                // Each rank's losses are over its share; log those of the global batch.
+                let mut v = [m.dino_loss, m.teacher_entropy, m.total];
+                dist.mean(&mut v)?;
+                [m.dino_loss, m.teacher_entropy, m.total] = v;
+            }
             let step = trainer.step;
             let rate = images_seen as f64 / started.elapsed().as_secs_f64();
             reporter.set_step(
@@ -370,7 +437,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 rec["skipped_records"] = json!(skipped_total);
                 reporter.record(&rec)?;
             }
-            if cfg.eval.analysis_every_steps > 0 && step % cfg.eval.analysis_every_steps == 0 {
+            let analysis_due =
+                cfg.eval.analysis_every_steps > 0 && step % cfg.eval.analysis_every_steps == 0;
+            let checkpoint_due = cfg.train.checkpoint_every_steps > 0
+                && step % cfg.train.checkpoint_every_steps == 0;
+            if leader && analysis_due {
                 let mut rec = collapse_record(&trainer, probe, false)?;
                 let c0 = &rec["report"]["counts"][0];
                 reporter.println(format!(
@@ -392,9 +463,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 rec["step"] = json!(step);
                 reporter.record(&rec)?;
             }
-            if cfg.train.checkpoint_every_steps > 0 && step % cfg.train.checkpoint_every_steps == 0
-            {
+            if leader && checkpoint_due {
                 save_checkpoint(&trainer, &out, cfg.train.checkpoint_keep as usize)?;
+            }
+            if analysis_due || checkpoint_due {
+                dist.wait_for_leader()?;
             }
             last = Some(m);
             if trainer.step >= total_steps {
@@ -406,6 +479,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // the final checkpoint and evaluation below: the throughput figure benchmarks compare.
     let train_seconds = started.elapsed().as_secs_f64();
     reporter.finish();
+    if !leader {
+        // Rank 0 alone saves, analyses and evaluates the final state.
+        reporter.record(&json!({
+            "kind": "final",
+            "rank": rank,
+            "step": trainer.step,
+            "train_seconds": train_seconds,
+            "last_step": last,
+        }))?;
+        return Ok(());
+    }
     let checkpoint = save_checkpoint(&trainer, &out, cfg.train.checkpoint_keep as usize)?;
     let collapse = collapse_record(&trainer, probe, true)?;
     let knn = match protodino_data::open_eval(&cfg.data, &data_root)? {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
-use crate::{cache_root, cargo, data, libtorch, pyref, repo_root, run};
+use crate::{cache_root, cargo, data, libtorch, pyref, repo_root, run, target_dir};
 
 pub struct BenchArgs {
     pub quick: bool,
@@ -575,10 +575,4 @@ fn machine_model() -> String {
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
 }

@@ -40,6 +40,10 @@ enum Cmd {
     },
     /// The main job: DINO + KoLeo-proto on real data, with collapse figures and k-NN results.
     Demo {
+        /// Data-parallel ranks on this host (the global batch and the cores are shared out, so
+        /// any number trains the same recipe); 1 trains in one process.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
         /// Extra arguments for the training command.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -86,6 +90,13 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR` or `target/` in the workspace).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(repo_root());
@@ -120,24 +131,105 @@ fn test(args: Vec<String>) -> Result<()> {
     run(t)
 }
 
-fn demo(args: Vec<String>) -> Result<()> {
+fn demo(workers: usize, args: Vec<String>) -> Result<()> {
     libtorch::ensure()?;
     data::ensure()?;
-    let mut c = cargo();
-    c.args([
-        "run",
+    let train = ["train", "--config", "configs/cpu-demo.toml"];
+    if workers <= 1 {
+        let mut c = cargo();
+        c.args([
+            "run",
+            "--release",
+            "--package",
+            "protodino-worker",
+            "--bin",
+            "protodino",
+            "--",
+        ])
+        .args(train)
+        .args(&args);
+        return run(c);
+    }
+    // The demo's global batch (32) and the machine's cores are shared out over the ranks, so the
+    // recipe is the single-process one; rank 0 prints progress and results, the others only
+    // errors.
+    ensure!(
+        32 % workers == 0,
+        "--workers {workers}: the demo's global batch of 32 must divide evenly"
+    );
+    let mut build = cargo();
+    build.args([
+        "build",
         "--release",
         "--package",
         "protodino-worker",
         "--bin",
         "protodino",
-        "--",
-        "train",
-        "--config",
-        "configs/cpu-demo.toml",
-    ])
-    .args(&args);
-    run(c)
+    ]);
+    run(build)?;
+    let exe = target_dir().join("release/protodino");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ports: Vec<u16> = (0..workers)
+        .map(|_| {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        })
+        .collect::<Result<_>>()?;
+    let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut secret = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut secret)?;
+    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let rank_cmd = |rank: usize| {
+        let mut c = Command::new(&exe);
+        c.current_dir(repo_root())
+            .args(train)
+            .args(&args)
+            .args(["--world", &workers.to_string(), "--rank", &rank.to_string()])
+            .args(["--peers", &peers.join(",")])
+            .env("PROTODINO_GROUP_SECRET", &secret)
+            .env(
+                "PROTODINO__TRAIN__BATCH_SIZE_PER_WORKER",
+                (32 / workers).to_string(),
+            )
+            .env(
+                "PROTODINO__TRAIN__THREADS",
+                (cores / workers).max(1).to_string(),
+            );
+        c
+    };
+    // Not `run`: its log line would print the environment, secret included.
+    eprintln!(
+        "xtask: {workers} ranks of {} train --config configs/cpu-demo.toml {} --peers {}",
+        exe.display(),
+        args.join(" "),
+        peers.join(",")
+    );
+    let mut others = Vec::new();
+    for rank in 1..workers {
+        let mut c = rank_cmd(rank);
+        c.stdout(std::process::Stdio::null());
+        others.push(c.spawn().with_context(|| format!("starting rank {rank}"))?);
+    }
+    let leader = rank_cmd(0)
+        .status()
+        .context("starting rank 0")
+        .and_then(|s| {
+            ensure!(s.success(), "rank 0 failed with {s}");
+            Ok(())
+        });
+    for (i, mut child) in others.into_iter().enumerate() {
+        if leader.is_err() {
+            let _ = child.kill();
+        }
+        let status = child.wait()?;
+        ensure!(
+            leader.is_err() || status.success(),
+            "rank {} failed with {status}",
+            i + 1
+        );
+    }
+    leader
 }
 
 fn main() -> Result<()> {
@@ -154,7 +246,7 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, only, out } => bench::bench(bench::BenchArgs { quick, only, out })?,
         Cmd::Pyref => println!("{}", pyref::ensure()?.display()),
         Cmd::Test { args } => test(args)?,
-        Cmd::Demo { args } => demo(args)?,
+        Cmd::Demo { workers, args } => demo(workers, args)?,
         Cmd::Study { quick, out } => study::study(study::StudyArgs { quick, out })?,
         Cmd::Info => {
             let root = cache_root();

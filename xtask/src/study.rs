@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
-use crate::{cache_root, cargo, repo_root, run};
+use crate::{cache_root, cargo, repo_root, run, target_dir};
 
 /// Classes 0–2 of the long-tailed split are the head (6000–2154 images), 7–9 the tail
 /// (215–60 images); the labels are in decreasing order of frequency by construction.
@@ -138,12 +138,6 @@ pub fn study(args: StudyArgs) -> Result<()> {
     fs::write(out.join("results.md"), md)?;
     println!("{}", out.join("results.md").display());
     Ok(())
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
 }
 
 /// Evaluation subsets (evenly spaced, so class proportions are kept): memory-bank / few-shot

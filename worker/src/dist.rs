@@ -1,0 +1,250 @@
+//! Data-parallel training over `protodino-collectives`: the [`Reducer`] the DINO step calls
+//! (gradients averaged, centre statistics summed), and the few group operations the training
+//! loop needs around it (state broadcast from rank 0, metric averaging, a barrier with a long
+//! deadline around rank-0-only work).
+//!
+//! A rank is started with `--world W --rank R --peers a:p,b:q,…` (every rank's address, in rank
+//! order; this rank listens on its own entry, or on `--listen`) and the group secret in the
+//! `PROTODINO_GROUP_SECRET` environment variable (never on the command line, where `ps` shows
+//! it). When all ranks share a host the group's all-reduce goes through shared memory, otherwise
+//! through the TCP ring; the sums are the same bits either way.
+//!
+//! Data parallelism follows official DINO (`DistributedSampler` + DDP): the global batch of a step
+//! is `W × batch_size_per_worker` consecutive entries of the epoch permutation, rank `R` taking
+//! every `W`-th of them starting at `R`; each rank computes the loss of its share, and the
+//! gradients are averaged, so `W` ranks follow the single-process run with the global batch (up
+//! to the order of floating-point sums; tested).
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use half::bf16;
+use protodino_collectives::{GroupOptions, GroupSpec, ReduceOp, RingGroup, bind_listener};
+use protodino_dino::{DinoError, Reducer};
+use tch::{Device, Kind, Tensor};
+
+/// Environment variable holding the group secret of a multi-rank run.
+pub const SECRET_ENV: &str = "PROTODINO_GROUP_SECRET";
+
+/// Deadline of the barrier that waits out rank-0-only work (analysis, checkpoints).
+const LONG_WAIT: Duration = Duration::from_secs(1800);
+
+/// Where this process sits in a data-parallel run.
+#[derive(Debug, Clone)]
+pub struct DistArgs {
+    pub world: usize,
+    pub rank: usize,
+    /// Every rank's address (`host:port`), in rank order.
+    pub peers: Vec<String>,
+    /// Address to listen on instead of `peers[rank]` (e.g. `0.0.0.0:port` in a container).
+    pub listen: Option<String>,
+}
+
+impl DistArgs {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.world >= 1, "--world must be at least 1");
+        ensure!(
+            self.rank < self.world,
+            "--rank {} is not below --world {}",
+            self.rank,
+            self.world
+        );
+        ensure!(
+            self.world == 1 || self.peers.len() == self.world,
+            "--peers lists {} addresses for --world {}",
+            self.peers.len(),
+            self.world
+        );
+        Ok(())
+    }
+}
+
+/// A data-parallel group as the training loop uses it.
+pub struct Dist {
+    pub rank: usize,
+    pub world: usize,
+    group: RefCell<RingGroup>,
+}
+
+impl Dist {
+    /// The world of one (no sockets).
+    pub fn solo() -> Self {
+        Self {
+            rank: 0,
+            world: 1,
+            group: RefCell::new(RingGroup::solo(GroupOptions::default())),
+        }
+    }
+
+    /// Joins the group described by `args` (blocks until every rank is there, or the connect
+    /// deadline passes).
+    pub fn join(args: &DistArgs) -> Result<Self> {
+        args.validate()?;
+        if args.world == 1 {
+            return Ok(Self::solo());
+        }
+        let secret = std::env::var(SECRET_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .with_context(|| {
+                format!("a run with --world > 1 needs the group secret in {SECRET_ENV}")
+            })?;
+        let options = GroupOptions {
+            connect_timeout: Duration::from_secs(120),
+            ..GroupOptions::default()
+        };
+        let addr = args.listen.as_deref().unwrap_or(&args.peers[args.rank]);
+        let listener =
+            bind_listener(addr, &options).with_context(|| format!("listening on {addr}"))?;
+        let spec = GroupSpec {
+            rank: args.rank,
+            world: args.world,
+            peers: args.peers.clone(),
+            secret: secret.into_bytes(),
+        };
+        let group = RingGroup::connect(&spec, listener, options).with_context(|| {
+            format!("forming the group as rank {} of {}", args.rank, args.world)
+        })?;
+        Ok(Self {
+            rank: args.rank,
+            world: args.world,
+            group: RefCell::new(group),
+        })
+    }
+
+    /// `solo`, `tcp` or `shm`.
+    pub fn transport(&self) -> &'static str {
+        self.group.borrow().transport().as_str()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Rank 0's bytes on every rank (`bytes` is the source on rank 0 and replaced elsewhere).
+    pub fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let mut g = self.group.borrow_mut();
+        g.set_timeout(LONG_WAIT);
+        let result = if self.rank == 0 {
+            g.broadcast_send(&mut bytes.as_slice(), bytes.len() as u64)
+        } else {
+            bytes.clear();
+            g.broadcast_recv(0, bytes).map(|_| ())
+        };
+        g.set_timeout(GroupOptions::default().timeout);
+        result.context("broadcasting the training state from rank 0")
+    }
+
+    /// Waits for every rank with a long deadline: called by all ranks after work that only rank
+    /// 0 does, so the others' next all-reduce does not count that time against its deadline.
+    pub fn wait_for_leader(&self) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let mut g = self.group.borrow_mut();
+        g.set_timeout(LONG_WAIT);
+        let result = g.barrier();
+        g.set_timeout(GroupOptions::default().timeout);
+        result.context("waiting for rank 0")
+    }
+
+    /// Averages `values` over the ranks (the logged losses of the global batch).
+    pub fn mean(&self, values: &mut [f64]) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let mut v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+        self.group
+            .borrow_mut()
+            .all_reduce(&mut v, ReduceOp::Average)
+            .context("averaging step metrics")?;
+        for (x, y) in values.iter_mut().zip(v) {
+            *x = y as f64;
+        }
+        Ok(())
+    }
+
+    fn reduce(&self, tensors: &mut [Tensor], op: ReduceOp) -> Result<(), DinoError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let bad = |what: String| DinoError::Collective(what);
+        // Contiguous tensors are reduced in place; others through a contiguous copy.
+        let mut work = Vec::with_capacity(tensors.len());
+        for t in tensors.iter() {
+            if t.device() != Device::Cpu {
+                return Err(bad(format!(
+                    "the CPU collectives reduce CPU tensors; got one on {:?}",
+                    t.device()
+                )));
+            }
+            work.push(if t.is_contiguous() {
+                t.shallow_clone()
+            } else {
+                t.contiguous()
+            });
+        }
+        let mut f32s: Vec<&mut [f32]> = Vec::new();
+        let mut bf16s: Vec<&mut [bf16]> = Vec::new();
+        for t in work.iter_mut() {
+            match t.kind() {
+                // SAFETY: contiguous CPU tensors of the matched element type, borrowed mutably
+                // for the slices' lifetime; a reduction's tensors (a step's gradients, or its
+                // centre statistics) never share storage.
+                Kind::Float => f32s.push(unsafe { elements(t) }),
+                Kind::BFloat16 => bf16s.push(unsafe { elements(t) }),
+                k => {
+                    return Err(bad(format!(
+                        "the CPU collectives reduce f32 and bf16 tensors; got {k:?}"
+                    )));
+                }
+            }
+        }
+        let mut g = self.group.borrow_mut();
+        let failed =
+            |e: protodino_collectives::CollectiveError| DinoError::Collective(e.to_string());
+        if !f32s.is_empty() {
+            g.all_reduce_many(&mut f32s, op).map_err(failed)?;
+        }
+        if !bf16s.is_empty() {
+            g.all_reduce_many(&mut bf16s, op).map_err(failed)?;
+        }
+        for (t, w) in tensors.iter_mut().zip(&work) {
+            if !t.is_contiguous() {
+                tch::no_grad(|| t.copy_(w));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The elements of a contiguous CPU tensor.
+///
+/// # Safety
+/// `t` must be contiguous, on the CPU, of element type `T`, and not share storage with another
+/// tensor viewed at the same time.
+unsafe fn elements<T>(t: &mut Tensor) -> &mut [T] {
+    let n = t.numel();
+    // SAFETY: by the caller's guarantees, `n` elements of T start at the data pointer.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<T>(), n) }
+}
+
+impl Reducer for Dist {
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<(), DinoError> {
+        self.reduce(tensors, ReduceOp::Sum)
+    }
+
+    /// The average is taken inside the collective (each element divided once, on its final sum),
+    /// not by a second pass over the gradients.
+    fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<(), DinoError> {
+        self.reduce(tensors, ReduceOp::Average)
+    }
+}
