@@ -1,9 +1,11 @@
 //! Data-parallel training across real processes: two `protodino train` ranks on one host (real
 //! sockets, the shared-memory all-reduce) follow the single-process run whose batch is their
-//! global batch, step for step; rank 1 logs the same global losses as rank 0.
+//! global batch, step for step; rank 1 logs the same global losses as rank 0; a rank killed
+//! mid-run makes the other fail within seconds, its finished checkpoints intact.
 
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use protodino_tests::{binary, json_lines, protodino, repo_root};
 
@@ -163,4 +165,88 @@ fn two_ranks_follow_the_single_process_run_with_their_global_batch() {
     let name = "checkpoint-00000006.safetensors";
     assert!(dist_out.join(name).exists());
     assert!(!dist_out.join("rank-1").join(name).exists());
+}
+
+#[test]
+fn a_killed_rank_fails_the_other_fast_and_finished_checkpoints_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("rank.toml");
+    std::fs::write(&cfg, format!("{BASE}batch_size_per_worker = 8\n")).unwrap();
+    let demo = repo_root().join("configs/cpu-demo.toml");
+    let out = dir.path().join("dist");
+    let peers = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let spawn = |rank: usize| {
+        Command::new(binary("protodino-worker", "protodino"))
+            .args(["train", "--config", demo.to_str().unwrap()])
+            .args(["--config", cfg.to_str().unwrap()])
+            .args(["--output-dir", out.to_str().unwrap(), "--json"])
+            .args([
+                "--world",
+                "2",
+                "--rank",
+                &rank.to_string(),
+                "--peers",
+                &peers,
+            ])
+            .env("PROTODINO_GROUP_SECRET", "distributed-test-secret")
+            // Long enough (400 steps) never to finish before the kill.
+            .env("PROTODINO__TRAIN__EPOCHS", "10")
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut rank0 = spawn(0);
+    let mut rank1 = spawn(1);
+    // Wait until rank 0 is past its first checkpoint (step 3), then kill rank 1.
+    let log = out.join("metrics.jsonl");
+    let started = Instant::now();
+    loop {
+        let steps = std::fs::read_to_string(&log)
+            .map(|t| {
+                t.lines()
+                    .filter(|l| l.contains("\"kind\":\"step\""))
+                    .count()
+            })
+            .unwrap_or(0);
+        if steps >= 4 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "rank 0 made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rank1.kill().unwrap();
+    let killed = Instant::now();
+    let _ = rank1.wait();
+    let status = loop {
+        if let Some(s) = rank0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "rank 0 still running 20 s after its peer died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = killed.elapsed();
+    let mut err = String::new();
+    std::io::Read::read_to_string(rank0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "rank 0 must fail, not train on alone");
+    assert!(
+        err.contains("peer rank 1"),
+        "the error names the lost peer: {err}"
+    );
+    // Detected, not timed out (the collective deadline is 10 s).
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    // The finished work is there and readable.
+    let ckpt = out.join("checkpoint-00000003.safetensors");
+    let report = json_lines(&protodino(
+        dir.path(),
+        &["prototypes", ckpt.to_str().unwrap(), "--json"],
+    ));
+    assert!(!report.is_empty());
 }
