@@ -16,11 +16,16 @@
 //! to the order of floating-point sums; tested).
 
 use std::cell::RefCell;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use half::bf16;
-use protodino_collectives::{GroupOptions, GroupSpec, ReduceOp, RingGroup, bind_listener};
+use protodino_collectives::{
+    CollectiveError, GroupOptions, GroupSpec, ReduceOp, RingGroup, bind_listener,
+};
 use protodino_dino::{DinoError, Reducer};
 use tch::{Device, Kind, Tensor};
 
@@ -122,21 +127,36 @@ impl Dist {
         self.rank == 0
     }
 
-    /// Rank 0's bytes on every rank (`bytes` is the source on rank 0 and replaced elsewhere).
-    pub fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<()> {
+    /// Runs `op` on the group with the progress deadline widened to [`LONG_WAIT`], then puts
+    /// the group's own deadline back.
+    fn patiently<R>(
+        &self,
+        op: impl FnOnce(&mut RingGroup) -> protodino_collectives::Result<R>,
+    ) -> protodino_collectives::Result<R> {
+        let mut g = self.group.borrow_mut();
+        let normal = g.options().timeout;
+        g.set_timeout(LONG_WAIT);
+        let result = op(&mut g);
+        g.set_timeout(normal);
+        result
+    }
+
+    /// Makes `path` on every rank a copy of rank 0's file, streamed through the group (the file
+    /// is never held whole in memory).
+    pub fn broadcast_file(&self, path: &Path) -> Result<()> {
         if self.world == 1 {
             return Ok(());
         }
-        let mut g = self.group.borrow_mut();
-        g.set_timeout(LONG_WAIT);
-        let result = if self.rank == 0 {
-            g.broadcast_send(&mut bytes.as_slice(), bytes.len() as u64)
+        if self.rank == 0 {
+            let mut file = File::open(path)?;
+            let len = file.metadata()?.len();
+            self.patiently(|g| g.broadcast_send(&mut file, len))
         } else {
-            bytes.clear();
-            g.broadcast_recv(0, bytes).map(|_| ())
-        };
-        g.set_timeout(GroupOptions::default().timeout);
-        result.context("broadcasting the training state from rank 0")
+            let mut file = BufWriter::new(File::create(path)?);
+            let got = self.patiently(|g| g.broadcast_recv(0, &mut file).map(|_| ()));
+            got.and_then(|()| file.flush().map_err(CollectiveError::Stream))
+        }
+        .with_context(|| format!("broadcasting {} from rank 0", path.display()))
     }
 
     /// Waits for every rank with a long deadline: called by all ranks after work that only rank
@@ -145,11 +165,8 @@ impl Dist {
         if self.world == 1 {
             return Ok(());
         }
-        let mut g = self.group.borrow_mut();
-        g.set_timeout(LONG_WAIT);
-        let result = g.barrier();
-        g.set_timeout(GroupOptions::default().timeout);
-        result.context("waiting for rank 0")
+        self.patiently(RingGroup::barrier)
+            .context("waiting for rank 0")
     }
 
     /// Averages `values` over the ranks (the logged losses of the global batch).

@@ -287,14 +287,6 @@ pub fn rank_batches(
         .collect()
 }
 
-/// The trainer's whole state as checkpoint bytes (weights, optimiser, centre, step).
-fn state_bytes(trainer: &Trainer, scratch: &Path) -> Result<Vec<u8>> {
-    trainer.save_checkpoint(scratch)?;
-    let bytes = std::fs::read(scratch)?;
-    std::fs::remove_file(scratch)?;
-    Ok(bytes)
-}
-
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut cfg = TrainConfig::load(&args.config)?;
     if let Some(m) = args.max_steps {
@@ -355,19 +347,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // Every rank starts from rank 0's state (fresh or resumed): same weights, optimiser,
         // centre and step, whatever each process initialised on its own.
         let scratch = out.join(format!(".state-rank-{rank}.safetensors"));
-        let mut bytes = if leader {
-            state_bytes(&trainer, &scratch)?
-        } else {
-            Vec::new()
-        };
-        dist.broadcast_bytes(&mut bytes)?;
+        if leader {
+            trainer.save_checkpoint(&scratch)?;
+        }
+        dist.broadcast_file(&scratch)?;
         if !leader {
-            std::fs::write(&scratch, &bytes)?;
             trainer
                 .load_checkpoint(&scratch)
                 .context("loading the state broadcast by rank 0")?;
-            std::fs::remove_file(&scratch)?;
         }
+        std::fs::remove_file(&scratch)?;
     }
     let probe_ids = usage_ids(n, cfg.eval.usage_images as usize);
     let probe = (!probe_ids.is_empty()).then_some((&loader, probe_ids.as_slice()));

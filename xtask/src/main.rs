@@ -134,7 +134,8 @@ fn test(args: Vec<String>) -> Result<()> {
 fn demo(workers: usize, args: Vec<String>) -> Result<()> {
     libtorch::ensure()?;
     data::ensure()?;
-    let train = ["train", "--config", "configs/cpu-demo.toml"];
+    const CONFIG: &str = "configs/cpu-demo.toml";
+    let train = ["train", "--config", CONFIG];
     if workers <= 1 {
         let mut c = cargo();
         c.args([
@@ -150,12 +151,15 @@ fn demo(workers: usize, args: Vec<String>) -> Result<()> {
         .args(&args);
         return run(c);
     }
-    // The demo's global batch (32) and the machine's cores are shared out over the ranks, so the
+    // The demo's global batch and the machine's cores are shared out over the ranks, so the
     // recipe is the single-process one; rank 0 prints progress and results, the others only
     // errors.
+    let batch = protodino_config::TrainConfig::load(&[repo_root().join(CONFIG)])?
+        .train
+        .batch_size_per_worker as usize;
     ensure!(
-        32 % workers == 0,
-        "--workers {workers}: the demo's global batch of 32 must divide evenly"
+        batch.is_multiple_of(workers),
+        "--workers {workers}: the demo's global batch of {batch} must divide evenly"
     );
     let mut build = cargo();
     build.args([
@@ -190,7 +194,7 @@ fn demo(workers: usize, args: Vec<String>) -> Result<()> {
             .env("PROTODINO_GROUP_SECRET", &secret)
             .env(
                 "PROTODINO__TRAIN__BATCH_SIZE_PER_WORKER",
-                (32 / workers).to_string(),
+                (batch / workers).to_string(),
             )
             .env(
                 "PROTODINO__TRAIN__THREADS",
@@ -200,7 +204,7 @@ fn demo(workers: usize, args: Vec<String>) -> Result<()> {
     };
     // Not `run`: its log line would print the environment, secret included.
     eprintln!(
-        "xtask: {workers} ranks of {} train --config configs/cpu-demo.toml {} --peers {}",
+        "xtask: {workers} ranks of {} train --config {CONFIG} {} --peers {}",
         exe.display(),
         args.join(" "),
         peers.join(",")

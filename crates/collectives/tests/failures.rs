@@ -42,11 +42,7 @@ fn sigkill_mid_operation_fails_fast_then_survivors_rebuild() {
 fn sigkill_case(shm: &str) {
     // A 10 s deadline: failing within 3 s shows the failure was detected, not timed out.
     let mut peers = spawn_group(4, &["--timeout-ms", "10000", "--shared-memory", shm]);
-    let transport = if shm == "on" {
-        "READY shm"
-    } else {
-        "READY tcp"
-    };
+    let transport = format!("READY {}", support::expected_transport(4, shm == "on"));
     for p in peers.iter_mut() {
         assert_eq!(p.line(), transport);
         p.send("LOOP 4000000");

@@ -6,7 +6,7 @@ mod support;
 use half::bf16;
 use protodino_collectives::reference::{ring_sum, test_pattern};
 use protodino_collectives::{CollectiveError, Element, GroupOptions, ReduceOp, RingGroup};
-use support::{expected_transport, in_process_groups, opts, tcp_opts};
+use support::{expected_transport, in_process_groups, in_process_groups_with, opts, tcp_opts};
 
 /// The transports, and the shared-memory one with a one-page chunk (many rounds, so chunk
 /// boundaries cut through ring segments and both slot sets are reused many times).
@@ -35,7 +35,10 @@ fn check_all_reduce<T: Element + PartialEq + std::fmt::Debug>(
         T::divide(&mut expected, world);
     }
     let outputs = in_process_groups(world, options.clone(), |mut g| {
-        assert_eq!(g.transport().as_str(), expected_transport(world, options));
+        assert_eq!(
+            g.transport().as_str(),
+            expected_transport(world, options.shared_memory)
+        );
         let mut buf = inputs[g.rank()].clone();
         g.all_reduce(&mut buf, op).unwrap();
         buf
@@ -120,34 +123,11 @@ fn back_to_back_operations_of_every_size_interleaved_with_socket_collectives() {
 #[test]
 fn transport_is_shared_memory_only_if_every_rank_agrees() {
     // One rank with the option off: the whole group keeps the TCP ring, and it still works.
-    let listeners: Vec<_> = (0..3)
-        .map(|_| protodino_collectives::bind_listener("127.0.0.1:0", &opts()).unwrap())
-        .collect();
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let spec = protodino_collectives::GroupSpec {
-                    rank,
-                    world: 3,
-                    peers: peers.clone(),
-                    secret: support::SECRET.to_vec(),
-                };
-                let options = if rank == 1 { tcp_opts() } else { opts() };
-                s.spawn(move || {
-                    let mut g = RingGroup::connect(&spec, listener, options).unwrap();
-                    let mut v = vec![rank as f32; 1000];
-                    g.all_reduce(&mut v, ReduceOp::Sum).unwrap();
-                    (g.transport().as_str(), v[999])
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let options = |rank| if rank == 1 { tcp_opts() } else { opts() };
+    let results = in_process_groups_with(3, options, |mut g| {
+        let mut v = vec![g.rank() as f32; 1000];
+        g.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+        (g.transport().as_str(), v[999])
     });
     assert_eq!(results, vec![("tcp", 3.0); 3]);
 }

@@ -40,13 +40,9 @@ fn run_case(peers: &mut [support::Peer], dtype: &str, len: usize, average: bool,
     }
 }
 
-/// The transport a group of `world` ranks reports with `--shared-memory on|off`.
-fn ready(world: usize, shm: &str) -> &'static str {
-    match (world, shm) {
-        (1, _) => "READY solo",
-        (_, "on") => "READY shm",
-        _ => "READY tcp",
-    }
+/// The line a peer of a `world`-rank group prints once formed with `--shared-memory on|off`.
+fn ready(world: usize, shm: &str) -> String {
+    format!("READY {}", support::expected_transport(world, shm == "on"))
 }
 
 #[test]

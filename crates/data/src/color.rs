@@ -205,8 +205,9 @@ fn hue_table(t: &HsvTables) -> Vec<u8> {
                 };
                 // Case 1 needs r < max and case 2 needs r, g < max: where the shifted triple
                 // would take an earlier branch, the index is never formed (the entry stays 0).
-                if hue_index(r, g, b, m) == (case << 16) | ((d1 as usize) << 8) | d2 as usize {
-                    hue[(case << 16) | ((d1 as usize) << 8) | d2 as usize] = rgb2hsv(t, r, g, b).0;
+                let idx = (case << 16) | ((d1 as usize) << 8) | d2 as usize;
+                if hue_index(r, g, b, m) == idx {
+                    hue[idx] = rgb2hsv(t, r, g, b).0;
                 }
             }
         }

@@ -27,9 +27,10 @@ pub fn tcp_opts() -> GroupOptions {
     }
 }
 
-/// The transport a group of `world` ranks on this host forms with `options`.
-pub fn expected_transport(world: usize, options: &GroupOptions) -> &'static str {
-    match (world, options.shared_memory) {
+/// The transport a group of `world` ranks on this host forms when every rank has
+/// `shared_memory` (as `RingGroup::transport().as_str()` and the peer's `READY` line name it).
+pub fn expected_transport(world: usize, shared_memory: bool) -> &'static str {
+    match (world, shared_memory) {
         (1, _) => "solo",
         (_, true) => "shm",
         _ => "tcp",
@@ -43,8 +44,17 @@ pub fn in_process_groups<R: Send, F: Fn(RingGroup) -> R + Sync>(
     options: GroupOptions,
     f: F,
 ) -> Vec<R> {
+    in_process_groups_with(world, |_| options.clone(), f)
+}
+
+/// As [`in_process_groups`], with each rank's options from `options(rank)`.
+pub fn in_process_groups_with<R: Send, F: Fn(RingGroup) -> R + Sync>(
+    world: usize,
+    options: impl Fn(usize) -> GroupOptions,
+    f: F,
+) -> Vec<R> {
     let listeners: Vec<_> = (0..world)
-        .map(|_| bind_listener("127.0.0.1:0", &options).unwrap())
+        .map(|rank| bind_listener("127.0.0.1:0", &options(rank)).unwrap())
         .collect();
     let peers: Vec<String> = listeners
         .iter()
@@ -61,7 +71,7 @@ pub fn in_process_groups<R: Send, F: Fn(RingGroup) -> R + Sync>(
                     peers: peers.clone(),
                     secret: SECRET.to_vec(),
                 };
-                let options = options.clone();
+                let options = options(rank);
                 let f = &f;
                 s.spawn(move || f(RingGroup::connect(&spec, listener, options).unwrap()))
             })
