@@ -1,33 +1,44 @@
-//! Bearer-token authentication for the job API, as a tonic interceptor. The token comes from a
-//! file or the environment (a Kubernetes Secret in the chart); comparison is constant-time.
+//! Bearer-token authentication as a tonic interceptor. The coordinator runs two: the job token
+//! guards `JobService`, the join token guards `WorkerService`, so a user's token cannot join a
+//! worker to the pool and a worker's cannot submit or cancel jobs. Tokens come from a file or
+//! the environment (a Kubernetes Secret in the chart); comparison is constant-time.
 
 use std::sync::Arc;
 
 use tonic::{Request, Status};
 
+use crate::error::Error;
+
 #[derive(Clone)]
 pub struct BearerAuth {
     token: Arc<[u8]>,
+    /// Which token this is ("job token", "join token"), for the refusal message.
+    what: &'static str,
 }
 
 impl BearerAuth {
-    pub fn new(token: &str) -> Self {
+    pub fn new(token: &str, what: &'static str) -> Self {
         Self {
             token: token.as_bytes().into(),
+            what,
         }
     }
 
     pub fn check<T>(&self, req: Request<T>) -> Result<Request<T>, Status> {
+        let refuse = |m: String| Status::from(Error::Unauthenticated(m));
         let header = req.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+            refuse(format!(
+                "missing `authorization: Bearer <{}>` metadata",
+                self.what
+            ))
         })?;
         let presented = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+            .ok_or_else(|| refuse("authorization must be `Bearer <token>`".into()))?;
         if !constant_time_eq(presented.as_bytes(), &self.token) {
-            return Err(Status::unauthenticated("wrong bearer token"));
+            return Err(refuse(format!("wrong {}", self.what)));
         }
         Ok(req)
     }
@@ -46,7 +57,7 @@ mod tests {
 
     #[test]
     fn tokens() {
-        let auth = BearerAuth::new("s3cret");
+        let auth = BearerAuth::new("s3cret", "job token");
         let mut ok = Request::new(());
         ok.metadata_mut()
             .insert("authorization", "Bearer s3cret".parse().unwrap());
@@ -55,10 +66,9 @@ mod tests {
         wrong
             .metadata_mut()
             .insert("authorization", "Bearer s3cres".parse().unwrap());
-        assert_eq!(
-            auth.check(wrong).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
+        let e = auth.check(wrong).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("job token"), "{}", e.message());
         assert_eq!(
             auth.check(Request::new(())).unwrap_err().code(),
             tonic::Code::Unauthenticated

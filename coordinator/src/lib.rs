@@ -1,19 +1,26 @@
-//! The protodino coordinator.
+//! The protodino coordinator: jobs, the worker pool, rendezvous, the committed-step ledger and
+//! the checkpoint catalogue, behind two gRPC services (`docs/service.md` is the design).
 //!
-//! Module map:
+//! Module map (start with [`core`], where every decision is made):
+//! - [`core`]: the pure state machine — worker pool and heartbeats, FIFO scheduling and
+//!   rendezvous, the exactly-once ledger, replica-hash checks, job states; no tokio, no network,
+//!   time passed in, unit-tested with made-up clocks;
+//! - [`scheduler`]: the one owner of the core (one lock), the tick loop, and persistence: every
+//!   decision's durable changes in one store transaction, written before the answer goes out;
+//! - [`store`]: the redb tables (jobs, ledgers, idempotency keys) and start-up loading;
+//! - [`api`]: thin gRPC handlers, `JobService` for users and `WorkerService` for workers;
 //! - [`validation`]: a user's `JobSpec` → a checked `TrainConfig`, errors naming the field;
-//! - [`store`]: the embedded job store (redb), durable per change;
-//! - [`jobs`]: the `JobService` handlers (submit, get, list, cancel, watch);
-//! - [`auth`]: bearer-token interceptor;
-//! - [`metrics`]: `/metrics` for Prometheus;
-//! - [`server`]: wires the services, health and reflection onto one listener.
-//!
-//! Scheduling of jobs onto workers (`WorkerService`, rendezvous, the shard ledger) is not part of
-//! this crate yet: submitted jobs are stored durably and stay queued.
+//! - [`error`]: the crate's error enum and its one mapping to gRPC status codes;
+//! - [`auth`]: bearer-token interceptors (job token, join token);
+//! - [`metrics`]: `/metrics` for Prometheus, from memory;
+//! - [`server`]: wires the services, health, reflection and metrics, with one shutdown.
 
+pub mod api;
 pub mod auth;
-pub mod jobs;
+pub mod core;
+pub mod error;
 pub mod metrics;
+pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod validation;

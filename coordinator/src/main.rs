@@ -1,7 +1,9 @@
-//! `protodino-coordinator`: parse flags, open the store, serve until SIGINT/SIGTERM.
+//! `protodino-coordinator`: parse flags, bind, serve until SIGINT/SIGTERM (or a failed store
+//! write, which exits non-zero so that a supervisor restarts it from the store).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -30,18 +32,53 @@ struct Args {
     /// Directory of job presets (`<name>.toml`).
     #[arg(long, env = "PROTODINO_CONFIGS_DIR", default_value = "configs")]
     configs_dir: PathBuf,
-    /// File holding the job API bearer token.
+    /// File holding the job API bearer token (users: JobService).
     #[arg(long, env = "PROTODINO_JOB_TOKEN_FILE")]
     job_token_file: Option<PathBuf>,
     /// The job API bearer token itself (prefer the file).
     #[arg(long, env = "PROTODINO_JOB_TOKEN", hide_env_values = true)]
     job_token: Option<String>,
+    /// File holding the join token (workers: WorkerService); must differ from the job token.
+    #[arg(long, env = "PROTODINO_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
+    /// The join token itself (prefer the file).
+    #[arg(long, env = "PROTODINO_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Root that specs' `dataset` paths are relative to [default: the provisioned data root].
+    #[arg(long, env = "PROTODINO_DATA_ROOT")]
+    data_root: Option<PathBuf>,
+    /// Root that specs' `checkpoint_dir` and catalogued checkpoints are relative to.
+    #[arg(long, env = "PROTODINO_CHECKPOINT_ROOT", default_value = "runs")]
+    checkpoint_root: PathBuf,
     /// Upper bound of a job's world size.
     #[arg(long, env = "PROTODINO_MAX_WORKERS", default_value_t = 64)]
     max_workers: i32,
+    /// How often workers heartbeat.
+    #[arg(long, env = "PROTODINO_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
+    heartbeat_interval_ms: u64,
+    /// A worker silent this long is lost and leaves its group.
+    #[arg(long, env = "PROTODINO_HEARTBEAT_TIMEOUT_MS", default_value_t = 10000)]
+    heartbeat_timeout_ms: u64,
+    /// Members report a replica hash every this many steps (0: never).
+    #[arg(long, env = "PROTODINO_HASH_EVERY_STEPS", default_value_t = 10)]
+    hash_every_steps: i64,
     /// Logs as JSON lines.
     #[arg(long, env = "PROTODINO_LOG_JSON")]
     log_json: bool,
+}
+
+/// A token from its file (trimmed) or its value; `what` names the flags in the error.
+fn token(file: Option<&Path>, value: Option<&str>, what: &str, flag: &str) -> Result<String> {
+    let t = match (file, value) {
+        (Some(f), _) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, Some(t)) => t.to_string(),
+        (None, None) => anyhow::bail!("a {what} is required: --{flag}-file or --{flag}"),
+    };
+    anyhow::ensure!(!t.is_empty(), "the {what} must not be empty");
+    Ok(t)
 }
 
 #[tokio::main]
@@ -61,17 +98,32 @@ async fn main() -> Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
-    let job_token = match (&args.job_token_file, &args.job_token) {
-        (Some(f), _) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading {}", f.display()))?
-            .trim()
-            .to_string(),
-        (None, Some(t)) => t.clone(),
-        (None, None) => {
-            anyhow::bail!("a job token is required: --job-token-file or PROTODINO_JOB_TOKEN")
-        }
-    };
-    anyhow::ensure!(!job_token.is_empty(), "the job token must not be empty");
+    let job_token = token(
+        args.job_token_file.as_deref(),
+        args.job_token.as_deref(),
+        "job token",
+        "job-token",
+    )?;
+    let join_token = token(
+        args.join_token_file.as_deref(),
+        args.join_token.as_deref(),
+        "join token",
+        "join-token",
+    )?;
+    anyhow::ensure!(
+        job_token != join_token,
+        "the join token must differ from the job token (workers and users hold different secrets)"
+    );
+    anyhow::ensure!(
+        args.heartbeat_interval_ms > 0 && args.heartbeat_timeout_ms > args.heartbeat_interval_ms,
+        "--heartbeat-timeout-ms ({}) must exceed --heartbeat-interval-ms ({}) > 0",
+        args.heartbeat_timeout_ms,
+        args.heartbeat_interval_ms
+    );
+    anyhow::ensure!(
+        args.hash_every_steps >= 0,
+        "--hash-every-steps must not be negative"
+    );
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -87,18 +139,30 @@ async fn main() -> Result<()> {
     let cfg = ServerConfig {
         store_path: args.store,
         configs_dir: args.configs_dir,
+        data_root: args.data_root.unwrap_or_else(protodino_config::data_root),
+        checkpoint_root: args.checkpoint_root,
         job_token,
+        join_token,
         max_workers: args.max_workers,
+        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+        heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+        hash_every_steps: args.hash_every_steps,
     };
     serve(cfg, listener, metrics, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!("no SIGTERM handler ({e}); stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
     tracing::info!("shutting down");
 }

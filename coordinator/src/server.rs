@@ -1,45 +1,100 @@
-//! One tonic server: `JobService` behind the bearer-token interceptor, `grpc.health.v1.Health`,
-//! and server reflection v1 and v1alpha (grpcurl 1.8 speaks only v1alpha).
+//! Wiring: the store, the scheduler and its tick loop, `JobService` behind the job token,
+//! `WorkerService` behind the join token, `grpc.health.v1.Health`, server reflection v1 and
+//! v1alpha (grpcurl 1.8 speaks only v1alpha) on one listener, and `/metrics` on another. One
+//! shutdown for all: the caller's signal, or a failed store write (the process must restart
+//! from the store, see `scheduler.rs`).
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use protodino_proto::v1::job_service_server::JobServiceServer;
+use protodino_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::api::jobs::JobsApi;
+use crate::api::workers::WorkersApi;
 use crate::auth::BearerAuth;
-use crate::jobs::Jobs;
+use crate::core::CoreConfig;
+use crate::scheduler::Scheduler;
 use crate::store::Store;
 
 pub struct ServerConfig {
     pub store_path: PathBuf,
     pub configs_dir: PathBuf,
+    /// Specs name data sets relative to this.
+    pub data_root: PathBuf,
+    /// Checkpoint paths in the catalogue are relative to this; the coordinator itself never
+    /// opens a file below it (workers write there, on their own mounts).
+    pub checkpoint_root: PathBuf,
     pub job_token: String,
+    pub join_token: String,
     pub max_workers: i32,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub hash_every_steps: i64,
 }
 
-/// Serve gRPC on `listener` and `/metrics` on `metrics_listener` until `shutdown` resolves.
+/// Serve gRPC on `listener` and `/metrics` on `metrics_listener` until `shutdown` resolves
+/// (then `Ok`) or the store fails (then `Err`).
 pub async fn serve(
     cfg: ServerConfig,
     listener: TcpListener,
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let store = Arc::new(Store::open(&cfg.store_path)?);
-    let metrics = crate::metrics::router(store.clone());
+    anyhow::ensure!(
+        cfg.job_token != cfg.join_token,
+        "the job token and the join token must differ"
+    );
+    let path = cfg.store_path.clone();
+    let store = Arc::new(tokio::task::spawn_blocking(move || Store::open(&path)).await??);
+    let scheduler = Scheduler::open(
+        store,
+        CoreConfig {
+            heartbeat_timeout: cfg.heartbeat_timeout,
+            hash_every_steps: cfg.hash_every_steps,
+        },
+    )
+    .await?;
+    tracing::info!(
+        data_root = %cfg.data_root.display(),
+        checkpoint_root = %cfg.checkpoint_root.display(),
+        "coordinator ready"
+    );
+    tokio::spawn(scheduler.clone().run_ticks());
+
+    let metrics = crate::metrics::router(scheduler.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(metrics_listener, metrics).await {
             tracing::error!("metrics endpoint stopped: {e}");
         }
     });
-    let jobs = Jobs::new(store, cfg.configs_dir, cfg.max_workers);
-    let auth = BearerAuth::new(&cfg.job_token);
-    let job_service = JobServiceServer::with_interceptor(jobs, move |req| auth.check(req));
+
+    let jobs = JobsApi::new(
+        scheduler.clone(),
+        cfg.configs_dir,
+        cfg.data_root,
+        cfg.max_workers,
+    );
+    let job_auth = BearerAuth::new(&cfg.job_token, "job token");
+    let job_service = JobServiceServer::with_interceptor(jobs, move |req| job_auth.check(req));
+    let workers = WorkersApi::new(
+        scheduler.clone(),
+        cfg.heartbeat_interval,
+        cfg.heartbeat_timeout,
+    );
+    let join_auth = BearerAuth::new(&cfg.join_token, "join token");
+    let worker_service =
+        WorkerServiceServer::with_interceptor(workers, move |req| join_auth.check(req));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<JobServiceServer<Jobs>>().await;
+    health.set_serving::<JobServiceServer<JobsApi>>().await;
+    health
+        .set_serving::<WorkerServiceServer<WorkersApi>>()
+        .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(protodino_proto::FILE_DESCRIPTOR_SET)
@@ -50,12 +105,36 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let mut failure = scheduler.failure();
+    let store_failed = async move {
+        loop {
+            if let Some(why) = failure.borrow_and_update().clone() {
+                return why;
+            }
+            if failure.changed().await.is_err() {
+                // The scheduler is gone: nothing can fail any more.
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Option<String>>();
+    let stop = async move {
+        let why = tokio::select! {
+            _ = shutdown => None,
+            why = store_failed => Some(why),
+        };
+        let _ = stop_tx.send(why);
+    };
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(job_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .add_service(worker_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await?;
-    Ok(())
+    match stop_rx.await {
+        Ok(Some(why)) => anyhow::bail!("stopped after a failed store write: {why}"),
+        _ => Ok(()),
+    }
 }

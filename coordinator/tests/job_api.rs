@@ -1,111 +1,34 @@
 //! The job API end to end: the real coordinator binary on an ephemeral loopback port, a real
 //! gRPC client, a real store file, and a restart in the middle.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod support;
 
 use protodino_proto::v1::job_service_client::JobServiceClient;
 use protodino_proto::v1::{
     CancelJobRequest, GetJobRequest, JobSpec, JobState, ListJobsRequest, OptimSpec,
     SubmitJobRequest, WatchJobRequest,
 };
+use support::{Coordinator, JOIN_TOKEN, http_get, tiny_dataset, tiny_spec};
 use tonic::Code;
-use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
-const TOKEN: &str = "test-job-token";
-
-struct Coordinator {
-    child: Child,
-    addr: String,
-    metrics_addr: String,
-}
-
-impl Coordinator {
-    fn start(store: &Path) -> Self {
-        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_protodino-coordinator"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--max-workers",
-                "8",
-            ])
-            .arg("--store")
-            .arg(store)
-            .arg("--configs-dir")
-            .arg(configs)
-            .env("PROTODINO_JOB_TOKEN", TOKEN)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the coordinator");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "protodino-coordinator listening on ADDR metrics ADDR"
-        let words: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(words.len(), 6, "unexpected first line {line:?}");
-        let (addr, metrics_addr) = (words[3].to_string(), words[5].to_string());
-        assert!(
-            addr.starts_with("127.0.0.1:"),
-            "unexpected first line {line:?}"
-        );
-        Coordinator {
-            child,
-            addr,
-            metrics_addr,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    async fn client(
-        &self,
-    ) -> JobServiceClient<
-        tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor>,
-    > {
-        let token: MetadataValue<_> = format!("Bearer {TOKEN}").parse().unwrap();
-        JobServiceClient::with_interceptor(
-            self.channel().await,
-            move |mut req: tonic::Request<()>| {
-                req.metadata_mut().insert("authorization", token.clone());
-                Ok(req)
-            },
-        )
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// A 1-worker demo job over the tiny data set (no worker ever registers here: it stays queued).
 fn demo_spec() -> JobSpec {
     JobSpec {
-        preset: "cpu-demo".into(),
-        koleo_weight: 0.1,
-        epochs: 2,
-        ..Default::default()
+        epochs: Some(2),
+        ..tiny_spec(1, 1)
     }
+}
+
+/// A coordinator over a fresh store and a data root holding the tiny set.
+fn start(dir: &tempfile::TempDir) -> Coordinator {
+    tiny_dataset(dir.path());
+    Coordinator::start(&dir.path().join("s.redb"), dir.path())
 }
 
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(&dir.path().join("s.redb"));
+    let c = start(&dir);
     let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel().await);
     let resp = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -154,8 +77,8 @@ async fn health_and_reflection_are_served() {
 #[tokio::test]
 async fn submit_get_list_cancel_and_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(&dir.path().join("s.redb"));
-    let mut jobs = c.client().await;
+    let c = start(&dir);
+    let mut jobs = c.jobs().await;
 
     let job = jobs
         .submit_job(SubmitJobRequest {
@@ -179,7 +102,7 @@ async fn submit_get_list_cancel_and_errors() {
     // A bad spec is INVALID_ARGUMENT naming the field.
     let bad = JobSpec {
         optim: Some(OptimSpec {
-            lr: -1.0,
+            lr: Some(-1.0),
             ..Default::default()
         }),
         ..demo_spec()
@@ -262,6 +185,7 @@ async fn submit_get_list_cancel_and_errors() {
     let cancelled = jobs
         .cancel_job(CancelJobRequest {
             job_id: job.job_id.clone(),
+            reason: String::new(),
         })
         .await
         .unwrap()
@@ -276,6 +200,7 @@ async fn submit_get_list_cancel_and_errors() {
     let e = jobs
         .cancel_job(CancelJobRequest {
             job_id: job.job_id.clone(),
+            reason: String::new(),
         })
         .await
         .unwrap_err();
@@ -285,35 +210,35 @@ async fn submit_get_list_cancel_and_errors() {
 #[tokio::test]
 async fn credentials_are_required() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(&dir.path().join("s.redb"));
+    let c = start(&dir);
     let mut anonymous = JobServiceClient::new(c.channel().await);
     let e = anonymous
         .get_job(GetJobRequest { job_id: "x".into() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let wrong: MetadataValue<_> = "Bearer nope".parse().unwrap();
-    let mut wrong_client =
-        JobServiceClient::with_interceptor(c.channel().await, move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", wrong.clone());
-            Ok(req)
-        });
-    let e = wrong_client
-        .submit_job(SubmitJobRequest {
-            spec: Some(demo_spec()),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unauthenticated);
+    // A wrong token, and the workers' join token: both refused.
+    for token in ["nope", JOIN_TOKEN] {
+        let e = c
+            .jobs_with(token)
+            .await
+            .submit_job(SubmitJobRequest {
+                spec: Some(demo_spec()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{token}");
+    }
 }
 
 #[tokio::test]
 async fn a_killed_coordinator_loses_no_job() {
     let dir = tempfile::tempdir().unwrap();
+    tiny_dataset(dir.path());
     let store = dir.path().join("s.redb");
     let id = {
-        let c = Coordinator::start(&store);
-        let mut jobs = c.client().await;
+        let c = Coordinator::start(&store, dir.path());
+        let mut jobs = c.jobs().await;
         jobs.submit_job(SubmitJobRequest {
             spec: Some(demo_spec()),
         })
@@ -325,8 +250,8 @@ async fn a_killed_coordinator_loses_no_job() {
         .job_id
         // dropped here: SIGKILL, no graceful shutdown
     };
-    let c = Coordinator::start(&store);
-    let mut jobs = c.client().await;
+    let c = Coordinator::start(&store, dir.path());
+    let mut jobs = c.jobs().await;
     let job = jobs
         .get_job(GetJobRequest { job_id: id })
         .await
@@ -339,8 +264,8 @@ async fn a_killed_coordinator_loses_no_job() {
 #[tokio::test]
 async fn metrics_count_jobs_by_state() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(&dir.path().join("s.redb"));
-    let mut jobs = c.client().await;
+    let c = start(&dir);
+    let mut jobs = c.jobs().await;
     jobs.submit_job(SubmitJobRequest {
         spec: Some(demo_spec()),
     })
@@ -357,21 +282,4 @@ async fn metrics_count_jobs_by_state() {
     );
     assert!(body.contains("protodino_build_info{version="), "{body}");
     assert!(body.trim_end().ends_with("# EOF"), "{body}");
-}
-
-/// A minimal HTTP/1.1 GET over a real socket (no client library needed for one request).
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
 }

@@ -1,5 +1,8 @@
 //! Shared support for the end-to-end scenarios under `tests/tests/`: locating the workspace's
-//! binaries (built by cargo for this profile) and running them as real processes.
+//! binaries (built by cargo for this profile) and running them as real processes; [`cluster`]
+//! runs the training service (coordinator + workers) for the service scenarios.
+
+pub mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

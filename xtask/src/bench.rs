@@ -7,6 +7,7 @@
 //! | data | `protodino-data-bench` | `crates/data/reference/bench_torchvision.py` (DataLoader) |
 //! | end to end | `protodino train` | `scripts/bench/train_torch.py` (DataLoader + eager loop) |
 //! | all-reduce | `protodino-collectives-bench` (shared memory and TCP ring) | `bench_gloo.py` (torch.distributed gloo) |
+//! | service | a job through a local coordinator + agents (`service.rs`) | `protodino train`, alone or as static-peer ranks |
 //!
 //! Memory: every command runs as a child whose process tree (the DataLoader's worker processes
 //! included) is sampled every 200 ms; the figure is the peak of the summed PSS (proportional set
@@ -33,7 +34,9 @@ pub struct BenchArgs {
     pub out: Option<PathBuf>,
 }
 
-const SECTIONS: &[&str] = &["step", "data", "e2e", "allreduce"];
+mod service;
+
+const SECTIONS: &[&str] = &["step", "data", "e2e", "allreduce", "service"];
 
 /// What one measured child did.
 struct Measured {
@@ -516,6 +519,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "protodino-collectives-bench",
     ]);
     build.args(["-p", "protodino-worker", "--bin", "protodino"]);
+    build.args([
+        "-p",
+        "protodino-coordinator",
+        "--bin",
+        "protodino-coordinator",
+    ]);
     run(build)?;
     let scratch = cache_root().join("bench/scratch");
     std::fs::create_dir_all(&scratch)?;
@@ -539,6 +548,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     if want("allreduce") {
         rows = allreduce(&ctx, &mut pairs)?;
+    }
+    if want("service") {
+        service::service(&ctx, &mut pairs)?;
     }
     let header = format!(
         "protodino vs PyTorch 2.11.0 / torchvision 0.26 (ratio = protodino / reference), {} CPU cores, {}, bench wall time {:.0} s{}",

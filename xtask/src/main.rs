@@ -6,12 +6,14 @@
 //! `$XDG_CACHE_HOME/protodino`, else `~/.cache/protodino`), so a second run downloads nothing.
 
 mod bench;
+mod cluster;
 mod data;
 mod elf;
 mod libtorch;
 mod plots;
 mod pyref;
 mod study;
+mod tools;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -38,13 +40,19 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// The main job: DINO + KoLeo-proto on real data, with collapse figures and k-NN results.
+    /// The main job: a local coordinator and worker agents train DINO + KoLeo-proto on real
+    /// data (configs/cpu-demo.toml through the job API), with progress, collapse figures and k-NN.
     Demo {
-        /// Data-parallel ranks on this host (the global batch and the cores are shared out, so
-        /// any number trains the same recipe); 1 trains in one process.
-        #[arg(long, default_value_t = 1)]
+        /// Worker agents on this host (the global batch and the cores are shared out, so any
+        /// number trains the same recipe).
+        #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Extra arguments for the training command.
+        /// Without the service: `protodino train` in one process, or `--workers` static-peer
+        /// ranks (`--world/--rank/--peers`).
+        #[arg(long)]
+        standalone: bool,
+        /// Extra arguments for `protodino submit` (or, with --standalone, `protodino train`),
+        /// e.g. `-- --max-steps 100`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -127,13 +135,18 @@ fn test(args: Vec<String>) -> Result<()> {
     ]);
     run(clippy)?;
     let mut t = cargo();
-    t.args(["test", "--workspace"]).args(&args);
+    t.args(["test", "--workspace"])
+        .args(&args)
+        .env(tools::GRPCURL_ENV, tools::grpcurl()?);
     run(t)
 }
 
-fn demo(workers: usize, args: Vec<String>) -> Result<()> {
+fn demo(workers: usize, standalone: bool, args: Vec<String>) -> Result<()> {
     libtorch::ensure()?;
     data::ensure()?;
+    if !standalone {
+        return cluster::demo(workers, &args);
+    }
     const CONFIG: &str = "configs/cpu-demo.toml";
     let train = ["train", "--config", CONFIG];
     if workers <= 1 {
@@ -250,7 +263,11 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, only, out } => bench::bench(bench::BenchArgs { quick, only, out })?,
         Cmd::Pyref => println!("{}", pyref::ensure()?.display()),
         Cmd::Test { args } => test(args)?,
-        Cmd::Demo { workers, args } => demo(workers, args)?,
+        Cmd::Demo {
+            workers,
+            standalone,
+            args,
+        } => demo(workers, standalone, args)?,
         Cmd::Study { quick, out } => study::study(study::StudyArgs { quick, out })?,
         Cmd::Info => {
             let root = cache_root();

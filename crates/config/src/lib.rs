@@ -242,6 +242,10 @@ pub struct EvalConfig {
     /// Training images (evenly spaced, eval transform) whose teacher assignments give the
     /// prototype-usage figures of each analysis (MLCD, entropy, clusters used); 0 = none.
     pub usage_images: i64,
+    /// Labelled training images of the end-of-run k-NN (an evenly spaced subset; 0 = all).
+    pub knn_train_images: i64,
+    /// Test images of the end-of-run k-NN (0 = all).
+    pub knn_test_images: i64,
 }
 
 impl TrainConfig {
@@ -274,7 +278,24 @@ impl TrainConfig {
         Ok(cfg)
     }
 
+    /// Defaults, then `files`, then the TOML text `overlay` (a job spec's `config_toml`); no
+    /// environment variables. Validated.
+    pub fn load_files_with_overlay<P: AsRef<Path>>(
+        files: &[P],
+        overlay: &str,
+    ) -> Result<Self, ConfigError> {
+        Self::build_layers(files, Some(overlay), false)
+    }
+
     fn load_layers<P: AsRef<Path>>(files: &[P], env: bool) -> Result<Self, ConfigError> {
+        Self::build_layers(files, None, env)
+    }
+
+    fn build_layers<P: AsRef<Path>>(
+        files: &[P],
+        overlay: Option<&str>,
+        env: bool,
+    ) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
@@ -285,6 +306,9 @@ impl TrainConfig {
                     .format(config::FileFormat::Toml)
                     .required(true),
             );
+        }
+        if let Some(text) = overlay {
+            builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
         }
         if env {
             builder = builder.add_source(env_source());

@@ -209,6 +209,8 @@ impl TrainConfig {
             i64::MAX,
         )?;
         int_in("eval.usage_images", e.usage_images, 0, 10_000_000)?;
+        int_in("eval.knn_train_images", e.knn_train_images, 0, 100_000_000)?;
+        int_in("eval.knn_test_images", e.knn_test_images, 0, 100_000_000)?;
 
         if m.arch == Arch::Resnet50 && m.small_input_stem && c.global_crop_size > 128 {
             return Err(err(

@@ -7,6 +7,7 @@
 //! * [`idx`] — MNIST/Fashion-MNIST IDX files → shards; [`longtail`] — the long-tailed subset.
 //! * [`open`] — opening what a `DataConfig` names; provisioned default locations.
 //! * [`rng`] — counter-based randomness from (seed, epoch, sample id); `epoch_permutation`.
+//! * [`plan`] — a job's data plan: the samples of every step, members' shares, sample digests.
 //! * [`image`] — the 8-bit RGB image and the final normalisation.
 //! * [`resample`] — crop + bicubic resize in one pass, bit-exact with Pillow.
 //! * [`color`], [`blur`] — photometric transforms with torchvision/Pillow semantics;
@@ -33,6 +34,7 @@ pub mod loader;
 pub mod longtail;
 pub mod multicrop;
 pub mod open;
+pub mod plan;
 pub mod resample;
 pub mod rng;
 pub mod shard;
@@ -44,4 +46,5 @@ pub use eval::EvalBatch;
 pub use loader::{EpochStream, Loader};
 pub use multicrop::{MultiCrop, MultiCropBatch};
 pub use open::{open_dataset, open_eval, open_train, resolve_data_path};
+pub use plan::{DataPlan, member_share, sample_digest};
 pub use rng::{CounterRng, epoch_permutation};

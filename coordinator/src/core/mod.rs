@@ -1,0 +1,284 @@
+//! The coordinator's pure decision core: every scheduling, membership and ledger decision, with
+//! no tokio, no network and no store.
+//!
+//! [`Core`] is the whole mutable state of the service (jobs with their ledgers, the worker pool,
+//! idempotency keys). Each operation takes the time as an `Instant` and, where a group may form,
+//! a source of group secrets, so unit tests drive it with made-up clocks and fixed bytes. An
+//! operation records what it changed in [`Changes`]: the job records and ledgers that must be
+//! written (the scheduler writes them in one transaction before answering) and the reasons of
+//! its decisions (the scheduler logs them; the job-level ones are also the job's `message`).
+//!
+//! Files:
+//! - [`pool`]: workers, their states (`Idle / Assigned / Training / Lost`), heartbeat expiry;
+//! - [`ledger`]: the data plan, the committed-step watermark, memberships, pending reports;
+//! - [`quorum`]: which idle workers form a group, at which world size, with which source;
+//! - [`assign`]: the `Assignment` each member receives;
+//! - [`job_fsm`]: the job state machine (allowed transitions, each with a reason);
+//! - `workers.rs`, `reports.rs`, `jobs.rs`, `schedule.rs`: the operations on [`Core`] (register
+//!   and heartbeats; step, checkpoint, failure and result reports; submit and cancel; forming
+//!   groups and ending them).
+
+pub mod assign;
+pub mod job_fsm;
+pub mod ledger;
+pub mod pool;
+pub mod quorum;
+
+mod jobs;
+mod reports;
+mod schedule;
+mod workers;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use protodino_proto::v1::{Job, JobSpec, JobState};
+
+pub use jobs::NewJob;
+pub use ledger::{Ledger, Membership, Phase, Plan};
+pub use pool::{Pool, Worker, WorkerState};
+pub use workers::Registration;
+
+use crate::error::Error;
+
+/// Draws a fresh 32-byte group secret. The service passes the OS generator; tests pass fixed
+/// bytes so every rendezvous is reproducible.
+pub type Secrets<'a> = &'a mut dyn FnMut() -> Result<[u8; 32], String>;
+
+/// Settings of the decisions (from the coordinator's flags).
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// A worker silent this long is `LOST` and leaves its group.
+    pub heartbeat_timeout: Duration,
+    /// Members report a replica hash every this many steps (0: never).
+    pub hash_every_steps: i64,
+}
+
+/// One job: its durable record (what users see) and its durable ledger.
+#[derive(Debug, Clone)]
+pub struct JobEntry {
+    pub record: Job,
+    pub ledger: Ledger,
+}
+
+impl JobEntry {
+    pub fn state(&self) -> JobState {
+        job_fsm::state_of(&self.record)
+    }
+
+    pub fn is_final(&self) -> bool {
+        job_fsm::is_final(self.state())
+    }
+}
+
+/// A decision and its reason, for the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    /// The job or worker the decision is about.
+    pub subject: String,
+    pub text: String,
+}
+
+/// What one operation changed. The durable part (`jobs`, `ledgers`, `idempotency`) is written
+/// in one store transaction; liveness (heartbeat times, delivered assignments) never is.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Jobs whose record changed: written, then broadcast to watchers.
+    pub jobs: BTreeSet<String>,
+    /// Jobs whose ledger (plan, watermark, membership, pending reports) changed.
+    pub ledgers: BTreeSet<String>,
+    /// New idempotency keys (key, job id).
+    pub idempotency: Vec<(String, String)>,
+    pub notes: Vec<Note>,
+}
+
+impl Changes {
+    pub fn job(&mut self, id: &str) {
+        self.jobs.insert(id.to_string());
+    }
+
+    pub fn ledger(&mut self, id: &str) {
+        self.ledgers.insert(id.to_string());
+    }
+
+    pub fn note(&mut self, subject: &str, text: impl Into<String>) {
+        self.notes.push(Note {
+            subject: subject.to_string(),
+            text: text.into(),
+        });
+    }
+
+    /// Whether the store must be written.
+    pub fn is_durable(&self) -> bool {
+        !self.jobs.is_empty() || !self.ledgers.is_empty() || !self.idempotency.is_empty()
+    }
+}
+
+/// Counts for `/metrics`, taken from memory (a scrape never reads the store).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub jobs_by_state: Vec<(JobState, i64)>,
+    pub workers_by_state: Vec<(&'static str, i64)>,
+    /// Sum of every job's watermark: monotonic, and right after a restart too.
+    pub committed_steps: u64,
+    pub replica_mismatches: u64,
+    /// (job id, membership epoch, world size) of each non-final job.
+    pub active: Vec<(String, i64, i64)>,
+}
+
+/// The whole mutable state of the coordinator.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    pool: Pool,
+    jobs: BTreeMap<String, JobEntry>,
+    idempotency: HashMap<String, String>,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig) -> Self {
+        Self {
+            cfg,
+            pool: Pool::default(),
+            jobs: BTreeMap::new(),
+            idempotency: HashMap::new(),
+        }
+    }
+
+    /// Rebuild the state from the store after a start. A group that was forming or training
+    /// keeps its membership: its members are entered as workers that have not re-attached yet
+    /// (their heartbeats get `NOT_FOUND` until they register again with their session), and
+    /// they expire like any silent worker if they never come back. A non-final job stored
+    /// without a ledger (by a coordinator before the scheduler existed) cannot run and fails.
+    pub fn restore(
+        cfg: CoreConfig,
+        now: Instant,
+        jobs: Vec<(Job, Option<Ledger>)>,
+        idempotency: HashMap<String, String>,
+        ch: &mut Changes,
+    ) -> Self {
+        let mut core = Core::new(cfg);
+        core.idempotency = idempotency;
+        for (record, ledger) in jobs {
+            let id = record.job_id.clone();
+            let mut entry = match ledger {
+                Some(ledger) => JobEntry { record, ledger },
+                None => JobEntry {
+                    record,
+                    ledger: Ledger::new(Plan::default(), 1, 1, String::new()),
+                },
+            };
+            if !entry.is_final() && entry.ledger.plan.total_steps == 0 {
+                let reason = "failed: stored without a data plan by an older coordinator; \
+                              submit the job again";
+                if job_fsm::transition(&mut entry.record, JobState::Failed, reason).is_ok() {
+                    ch.job(&id);
+                    ch.note(&id, reason);
+                }
+            }
+            if !entry.is_final()
+                && let Some(m) = &entry.ledger.membership
+                && m.phase != Phase::Ended
+            {
+                for member in &m.members {
+                    core.pool.insert_placeholder(member, &id, m.epoch, now);
+                }
+                ch.note(
+                    &id,
+                    format!(
+                        "restored epoch {} ({} members), waiting for them to re-attach",
+                        m.epoch,
+                        m.members.len()
+                    ),
+                );
+            }
+            core.jobs.insert(id, entry);
+        }
+        core
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    pub fn job(&self, id: &str) -> Option<&JobEntry> {
+        self.jobs.get(id)
+    }
+
+    /// Like [`Core::job`] but `NOT_FOUND` for an unknown id and `INVALID_ARGUMENT` for none.
+    pub fn lookup(&self, id: &str) -> Result<&JobEntry, Error> {
+        if id.is_empty() {
+            return Err(Error::invalid("job_id", "must not be empty"));
+        }
+        self.jobs
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("no job {id:?}")))
+    }
+
+    /// The job an earlier submission of `spec` created, by its idempotency key: `Some` when
+    /// the key was used for this very spec, `ALREADY_EXISTS` when it was used for another.
+    pub fn resubmitted(&self, spec: &JobSpec) -> Result<Option<&JobEntry>, Error> {
+        let key = &spec.idempotency_key;
+        let Some(id) = (!key.is_empty())
+            .then(|| self.idempotency.get(key))
+            .flatten()
+        else {
+            return Ok(None);
+        };
+        let first = self.jobs.get(id).ok_or_else(|| {
+            Error::Internal(format!(
+                "idempotency key {key:?} names the missing job {id}"
+            ))
+        })?;
+        if first.record.spec.as_ref() != Some(spec) {
+            return Err(Error::AlreadyExists(format!(
+                "idempotency key {key:?} was used for job {id} with a different spec"
+            )));
+        }
+        Ok(Some(first))
+    }
+
+    /// Jobs in id order (ids sort by submission time).
+    pub fn jobs(&self) -> impl Iterator<Item = &JobEntry> {
+        self.jobs.values()
+    }
+
+    /// Mutable access to a job record, for the scheduler's wall-clock stamps.
+    pub fn record_mut(&mut self, id: &str) -> Option<&mut Job> {
+        self.jobs.get_mut(id).map(|e| &mut e.record)
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut jobs_by_state: Vec<(JobState, i64)> =
+            job_fsm::ALL_STATES.iter().map(|s| (*s, 0)).collect();
+        let mut snap = Snapshot::default();
+        for e in self.jobs.values() {
+            if let Some(slot) = jobs_by_state.iter_mut().find(|(s, _)| *s == e.state()) {
+                slot.1 += 1;
+            }
+            snap.committed_steps += e.ledger.committed_step;
+            snap.replica_mismatches += e
+                .record
+                .progress
+                .as_ref()
+                .map_or(0, |p| p.replica_mismatches.max(0) as u64);
+            if !e.is_final() {
+                let (epoch, world) = match &e.ledger.membership {
+                    Some(m) if m.phase != Phase::Ended => (m.epoch, m.members.len() as i64),
+                    _ => (e.ledger.last_epoch, 0),
+                };
+                snap.active.push((e.record.job_id.clone(), epoch, world));
+            }
+        }
+        snap.jobs_by_state = jobs_by_state;
+        snap.workers_by_state = self.pool.counts();
+        snap
+    }
+}

@@ -1,0 +1,364 @@
+//! Liveness and regrouping: expiry, lost members, survivors, checkpoints, re-attaching.
+
+use protodino_proto::v1::{CheckpointRef, CheckpointReport, JobState};
+
+use super::*;
+use crate::store::LedgerRecord;
+
+fn tick(w: &mut World) {
+    w.apply(|c, now, s, ch| c.tick(now, s, ch)).0.unwrap();
+}
+
+#[test]
+fn a_silent_worker_is_lost_after_the_timeout_and_may_register_again() {
+    let mut w = World::new();
+    w.register("a");
+    w.register("b");
+    // (time in ms, heartbeat from w-b?, state of w-a, state of w-b)
+    let script: &[(u64, bool, &str, &str)] = &[
+        (5_000, true, "idle", "idle"),
+        (10_000, false, "idle", "idle"), // exactly the timeout: not yet
+        (10_001, false, "lost", "idle"), // w-a silent for longer than 10 s
+        (15_001, false, "lost", "lost"), // w-b's last heartbeat was at 5 s
+    ];
+    for (ms, beat, a, b) in script {
+        w.at(*ms);
+        if *beat {
+            w.idle("w-b", "", 0, 0, &[]).unwrap();
+        }
+        tick(&mut w);
+        assert_eq!(
+            (w.worker_state("w-a"), w.worker_state("w-b")),
+            (*a, *b),
+            "at {ms} ms"
+        );
+    }
+    assert_eq!(
+        code(&w.idle("w-a", "", 0, 0, &[]).unwrap_err()),
+        "NOT_FOUND"
+    );
+    // A lost worker's id is free again.
+    let id = w
+        .register_as(
+            Registration {
+                name: "a".into(),
+                caps: caps("a"),
+                worker_id: "w-a".into(),
+                ..Default::default()
+            },
+            "w-new",
+        )
+        .unwrap();
+    assert_eq!(id, "w-a");
+    assert_eq!(w.worker_state("w-a"), "idle");
+}
+
+#[test]
+fn a_lost_member_regroups_the_survivor_with_an_idle_worker() {
+    let mut w = World::new();
+    w.submit("job-a", 2, 2, 4, 16, 2);
+    w.register("a");
+    w.register("b");
+    let (e, _) = w.start_group("job-a", &["w-a", "w-b"]);
+    w.register("c");
+    w.report("w-a", "job-a", e, 1, &[]).unwrap();
+    w.report("w-b", "job-a", e, 1, &[]).unwrap();
+    assert_eq!(w.state("job-a"), JobState::Running);
+
+    // w-b goes silent; w-a and w-c keep beating.
+    w.at(6_000);
+    w.training("w-a", "job-a", e).unwrap();
+    w.idle("w-c", "", 0, 0, &[]).unwrap();
+    w.at(12_000);
+    w.training("w-a", "job-a", e).unwrap();
+    w.idle("w-c", "", 0, 0, &[]).unwrap();
+    tick(&mut w);
+    assert_eq!(w.worker_state("w-b"), "lost");
+    assert_eq!(w.state("job-a"), JobState::Rendezvous);
+    assert!(
+        w.message("job-a").contains("w-b lost"),
+        "{}",
+        w.message("job-a")
+    );
+    assert_eq!(w.training("w-a", "job-a", e).unwrap(), stop());
+
+    // The survivor stops with a replica of the watermark and is the new source.
+    w.idle("w-a", "job-a", e, 1, &[5]).unwrap();
+    let job = w.core.job("job-a").unwrap();
+    assert_eq!(job.ledger.last_epoch, e + 1);
+    assert_eq!(job.record.workers, ["w-a", "w-c"]);
+    let a = w.assignment("w-c");
+    assert_eq!((a.rank, a.state_source_rank, a.resume_step), (1, 0, 1));
+    assert!(!a.resume_from_checkpoint);
+    assert_eq!(
+        w.core
+            .job("job-a")
+            .unwrap()
+            .record
+            .progress
+            .unwrap()
+            .membership_epoch,
+        e + 1
+    );
+}
+
+#[test]
+fn without_a_surviving_replica_the_group_resumes_from_the_newest_checkpoint() {
+    let mut w = World::new();
+    w.submit("job-a", 1, 1, 4, 16, 2);
+    w.register("a");
+    let (e, _) = w.start_group("job-a", &["w-a"]);
+    for s in 1..=3 {
+        w.report("w-a", "job-a", e, s, &[]).unwrap();
+    }
+    for step in [1, 2, 4] {
+        let r = CheckpointReport {
+            worker_id: "w-a".into(),
+            job_id: "job-a".into(),
+            membership_epoch: e,
+            checkpoint: Some(CheckpointRef {
+                step,
+                epoch: 0,
+                uri: format!("jobs/job-a/checkpoint-{step:06}.safetensors"),
+                sha256: "ab".repeat(32),
+            }),
+        };
+        w.apply(|c, now, _, ch| c.report_checkpoint(now, &r, ch))
+            .0
+            .unwrap();
+    }
+    let steps: Vec<i64> = w
+        .core
+        .job("job-a")
+        .unwrap()
+        .record
+        .checkpoints
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    assert_eq!(steps, [2, 4], "checkpoint_keep = 2");
+
+    // The only member dies; a fresh worker takes over.
+    w.register("b");
+    w.at(11_000);
+    w.idle("w-b", "", 0, 0, &[]).unwrap();
+    tick(&mut w);
+    let a = w.assignment("w-b");
+    assert_eq!(a.membership_epoch, e + 1);
+    // The watermark is 3: the checkpoint of step 4 holds uncommitted steps, step 2 is newest.
+    assert!(a.resume_from_checkpoint);
+    assert_eq!(a.resume_step, 2);
+    assert_eq!(w.watermark("job-a"), 3, "the watermark never goes back");
+    // Redone steps are acknowledged as committed; the next new one commits.
+    assert_eq!(
+        w.report("w-b", "job-a", e + 1, 3, &[])
+            .unwrap()
+            .committed_step,
+        3
+    );
+    assert_eq!(
+        w.report("w-b", "job-a", e + 1, 4, &[])
+            .unwrap()
+            .committed_step,
+        4
+    );
+}
+
+#[test]
+fn checkpoints_outside_the_job_directory_or_from_other_ranks_are_refused() {
+    let mut w = World::new();
+    w.submit("job-a", 2, 2, 4, 16, 2);
+    w.register("a");
+    w.register("b");
+    let (e, _) = w.start_group("job-a", &["w-a", "w-b"]);
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("w-a", "jobs/job-a/c.safetensors", "ab", "INVALID_ARGUMENT"), // bad sha256
+        ("w-a", "jobs/job-b/c.safetensors", "", "INVALID_ARGUMENT"),
+        ("w-a", "jobs/job-a/../job-b/c", "", "INVALID_ARGUMENT"),
+        ("w-a", "/jobs/job-a/c", "", "INVALID_ARGUMENT"),
+        ("w-a", "jobs/job-a", "", "INVALID_ARGUMENT"),
+        ("w-b", "jobs/job-a/c.safetensors", "", "FAILED_PRECONDITION"), // rank 1
+    ];
+    for (worker, uri, sha, want) in cases {
+        let sha = if sha.is_empty() {
+            "0f".repeat(32)
+        } else {
+            sha.to_string()
+        };
+        let r = CheckpointReport {
+            worker_id: worker.to_string(),
+            job_id: "job-a".into(),
+            membership_epoch: e,
+            checkpoint: Some(CheckpointRef {
+                step: 1,
+                epoch: 0,
+                uri: uri.to_string(),
+                sha256: sha,
+            }),
+        };
+        let got = w.apply(|c, now, _, ch| c.report_checkpoint(now, &r, ch)).0;
+        assert_eq!(code(&got.unwrap_err()), *want, "{worker} {uri}");
+    }
+}
+
+/// What a restart hands the core: every record through its stored form.
+fn restart(w: &World) -> World {
+    let jobs = w
+        .core
+        .jobs()
+        .map(|e| {
+            let stored = LedgerRecord::from(&e.ledger);
+            (
+                e.record.clone(),
+                Some(stored.into_ledger(&e.record.job_id).unwrap()),
+            )
+        })
+        .collect();
+    let mut ch = Changes::default();
+    let core = Core::restore(
+        w.core.config().clone(),
+        w.now,
+        jobs,
+        Default::default(),
+        &mut ch,
+    );
+    World {
+        core,
+        t0: w.t0,
+        now: w.now,
+        drawn: 100,
+    }
+}
+
+fn rejoin(w: &mut World, id: &str, job: &str, epoch: i64, step: i64) -> String {
+    w.register_as(
+        Registration {
+            name: id.into(),
+            caps: caps(id),
+            worker_id: id.into(),
+            job_id: job.into(),
+            membership_epoch: epoch,
+            committed_step: step,
+        },
+        "w-fresh",
+    )
+    .unwrap()
+}
+
+#[test]
+fn members_re_attach_after_a_restart_and_pending_reports_commit() {
+    let mut w = World::new();
+    w.submit("job-a", 2, 2, 4, 16, 2);
+    w.register("a");
+    w.register("b");
+    let (e, _) = w.start_group("job-a", &["w-a", "w-b"]);
+    w.report("w-a", "job-a", e, 1, &[]).unwrap();
+    w.report("w-b", "job-a", e, 1, &[]).unwrap();
+    w.report("w-a", "job-a", e, 2, &[]).unwrap();
+
+    let mut w = restart(&w);
+    assert_eq!(w.state("job-a"), JobState::Running);
+    assert_eq!(w.watermark("job-a"), 1);
+    assert_eq!(
+        code(&w.training("w-a", "job-a", e).unwrap_err()),
+        "NOT_FOUND"
+    );
+    assert_eq!(rejoin(&mut w, "w-a", "job-a", e, 2), "w-a");
+    assert_eq!(rejoin(&mut w, "w-b", "job-a", e, 1), "w-b");
+    assert_eq!(w.worker_state("w-a"), "training");
+    assert_eq!(w.training("w-a", "job-a", e).unwrap(), keep_going());
+    // w-a's report of step 2 survived the restart: w-b's completes it.
+    assert_eq!(
+        w.report("w-b", "job-a", e, 2, &[]).unwrap().committed_step,
+        2
+    );
+    assert_eq!(
+        w.core.job("job-a").unwrap().ledger.last_epoch,
+        e,
+        "same group"
+    );
+}
+
+#[test]
+fn a_restored_member_that_comes_back_without_its_session_regroups() {
+    let mut w = World::new();
+    w.submit("job-a", 2, 2, 4, 16, 2);
+    w.register("a");
+    w.register("b");
+    let (e, _) = w.start_group("job-a", &["w-a", "w-b"]);
+    w.report("w-a", "job-a", e, 1, &[]).unwrap();
+    w.report("w-b", "job-a", e, 1, &[]).unwrap();
+    let mut w = restart(&w);
+    rejoin(&mut w, "w-a", "job-a", e, 1);
+    // w-b restarted too and lost its session: its old id is free, but the group is gone.
+    assert_eq!(rejoin(&mut w, "w-b", "", 0, 0), "w-b");
+    assert_eq!(w.state("job-a"), JobState::Rendezvous);
+    w.idle("w-b", "", 0, 0, &[]).unwrap();
+    assert_eq!(w.training("w-a", "job-a", e).unwrap(), stop());
+    w.idle("w-a", "job-a", e, 1, &[3]).unwrap();
+    let job = w.core.job("job-a").unwrap();
+    assert_eq!(job.ledger.last_epoch, e + 1);
+    assert_eq!(job.record.workers, ["w-a", "w-b"]);
+}
+
+#[test]
+fn an_id_in_use_gets_a_new_one_and_a_restored_member_that_never_returns_expires() {
+    let mut w = World::new();
+    w.submit("job-a", 1, 1, 4, 16, 2);
+    w.register("a");
+    let (e, _) = w.start_group("job-a", &["w-a"]);
+    assert_eq!(
+        rejoin(&mut w, "w-a", "job-a", e, 0),
+        "w-fresh",
+        "w-a is alive"
+    );
+
+    let mut w = restart(&w);
+    w.at(10_001);
+    tick(&mut w);
+    assert_eq!(w.worker_state("w-a"), "lost");
+    assert_eq!(w.state("job-a"), JobState::Rendezvous);
+}
+
+#[test]
+fn a_registered_worker_joins_a_group_only_once_a_heartbeat_described_its_replica() {
+    let mut w = World::new();
+    w.submit("job-a", 2, 2, 4, 16, 2);
+    w.register("a");
+    w.register("b");
+    let (e, _) = w.start_group("job-a", &["w-a", "w-b"]);
+    w.report("w-a", "job-a", e, 1, &[]).unwrap();
+    w.report("w-b", "job-a", e, 1, &[]).unwrap();
+    // w-b dies; w-a stops with its replica; the job waits for a second worker.
+    w.at(6_000);
+    w.training("w-a", "job-a", e).unwrap();
+    w.at(12_000);
+    w.training("w-a", "job-a", e).unwrap();
+    tick(&mut w);
+    w.idle("w-a", "job-a", e, 1, &[9]).unwrap();
+    assert!(
+        w.message("job-a")
+            .starts_with("waiting for workers: 1 idle"),
+        "{}",
+        w.message("job-a")
+    );
+
+    // After a restart, a fresh worker and w-a (idle, so no session to re-attach) register.
+    let mut w = restart(&w);
+    w.register("c");
+    assert_eq!(rejoin(&mut w, "w-a", "", 0, 0), "w-a");
+    assert_eq!(
+        w.core.job("job-a").unwrap().ledger.last_epoch,
+        e,
+        "no group before w-a says what it holds"
+    );
+    w.idle("w-a", "job-a", e, 1, &[9]).unwrap();
+    assert_eq!(w.core.job("job-a").unwrap().record.workers, ["w-a", "w-c"]);
+    let a = w.assignment("w-c");
+    assert_eq!(a.membership_epoch, e + 1);
+    assert_eq!(
+        a.resume_step, 1,
+        "from w-a's replica, not a checkpoint or the seed"
+    );
+    assert!(!a.resume_from_checkpoint);
+}
