@@ -53,6 +53,22 @@ fn is_state(s: JobState) -> impl Fn(&protodino_proto::v1::Job) -> bool {
     move |j| state(j) == s
 }
 
+/// Drops the key third of every `attn.qkv.bias` (parameter, teacher copy, optimiser moments).
+/// Softmax attention is invariant to the key bias, so its exact gradient is zero and what it
+/// holds is summation noise that Adam normalises up to the size of a step: it differs between
+/// any two summation orders (two static-peer ranks against one process too), not only here.
+fn without_key_bias(
+    mut t: std::collections::BTreeMap<String, Vec<f32>>,
+) -> std::collections::BTreeMap<String, Vec<f32>> {
+    for (name, v) in t.iter_mut() {
+        if name.ends_with("attn.qkv.bias") {
+            let d = v.len() / 3;
+            v.drain(d..2 * d);
+        }
+    }
+    t
+}
+
 #[test]
 fn two_workers_train_a_job_equal_to_one_process_and_use_each_sample_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -63,14 +79,18 @@ fn two_workers_train_a_job_equal_to_one_process_and_use_each_sample_once() {
     runtime().block_on(async {
         let mut jobs = coordinator.jobs().await;
         let job = submit(&mut jobs, spec(BASE, 2, 16, 20)).await;
-        assert_eq!(state(&job), JobState::Queued);
+        // Queued, or already in rendezvous when both workers were idle at submission.
+        assert!(
+            matches!(state(&job), JobState::Queued | JobState::Rendezvous),
+            "{job:?}"
+        );
         let resolved: serde_json::Value = serde_json::from_str(&job.resolved_config).unwrap();
         assert_eq!(resolved["head"]["out_dim"], 256, "{resolved}");
         let done = wait_for(&mut jobs, &job.job_id, 5 * MINUTES, "success", |j| {
             state(j) == JobState::Succeeded
         })
         .await;
-        let p = done.progress.clone().unwrap();
+        let p = done.progress.unwrap();
         assert_eq!((p.step, p.total_steps, p.world_size), (20, 20, 2));
         assert_eq!(p.committed_samples, 20 * 16);
         assert_eq!(done.workers.len(), 2);
@@ -124,11 +144,11 @@ fn two_workers_train_a_job_equal_to_one_process_and_use_each_sample_once() {
                 "--json",
             ],
         );
-        let single = load_f32(&out.join("checkpoint-00000020.safetensors"));
-        let service = load_f32(&jdir.join("checkpoint-00000020.safetensors"));
+        let single = without_key_bias(load_f32(&out.join("checkpoint-00000020.safetensors")));
+        let service = without_key_bias(load_f32(&jdir.join("checkpoint-00000020.safetensors")));
         let (worst, name) = worst_relative(&single, &service);
         eprintln!("worst relative parameter difference after 20 steps: {worst:.3e} ({name})");
-        assert!(worst < 1e-4, "{name} differs by {worst:e}");
+        assert!(worst < 2e-5, "{name} differs by {worst:e}");
     });
 }
 
@@ -201,8 +221,12 @@ fn cancel_frees_the_workers_koleo_zero_is_plain_dino_and_non_finite_losses_fail(
         // An absurd learning rate: the loss turns non-finite, the job FAILS naming the step and
         // the replay batch, and the workers take the next job.
         let mut bad = spec(BASE, 2, 16, 50);
+        // AdamW's decoupled decay multiplies each weight by 1 − lr·wd ≈ −60 a step.
         bad.optim = Some(OptimSpec {
-            lr: Some(1e30),
+            lr: Some(100.0),
+            weight_decay: Some(10.0),
+            weight_decay_end: Some(10.0),
+            warmup_epochs: Some(0),
             ..Default::default()
         });
         let bad = submit(&mut jobs, bad).await;
@@ -260,7 +284,7 @@ fn a_coordinator_killed_mid_job_loses_nothing_and_the_job_finishes() {
     rt.block_on(async {
         let mut jobs = coordinator.jobs().await;
         let after = get(&mut jobs, &job_id).await;
-        let (b, a) = (before.progress.unwrap(), after.progress.clone().unwrap());
+        let (b, a) = (before.progress.unwrap(), after.progress.unwrap());
         assert!(
             a.step >= b.step,
             "committed steps lost: {} → {}",

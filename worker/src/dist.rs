@@ -1,17 +1,19 @@
 //! Data-parallel training over `protodino-collectives`: the [`Reducer`] the DINO step calls
 //! (gradients averaged, centre statistics summed), and the few group operations the training
-//! loop needs around it (state broadcast from rank 0, metric averaging, a barrier with a long
-//! deadline around rank-0-only work).
+//! loop needs around it (state broadcast from the source rank, metric averaging with the stop
+//! vote, a barrier with a long deadline around rank-0-only work, small byte broadcasts).
 //!
-//! A rank is started with `--world W --rank R --peers a:p,b:q,…` (every rank's address, in rank
-//! order; this rank listens on its own entry, or on `--listen`) and the group secret in the
-//! `PROTODINO_GROUP_SECRET` environment variable (never on the command line, where `ps` shows
-//! it). When all ranks share a host the group's all-reduce goes through shared memory, otherwise
-//! through the TCP ring; the sums are the same bits either way.
+//! `protodino train` forms its group with `--world W --rank R --peers a:p,b:q,…` (every rank's
+//! address, in rank order; this rank listens on its own entry, or on `--listen`) and the group
+//! secret in the `PROTODINO_GROUP_SECRET` environment variable (never on the command line, where
+//! `ps` shows it); the agent forms it from an assignment ([`Dist::from_group`]). When all ranks
+//! share a host the group's all-reduce goes through shared memory, otherwise through the TCP
+//! ring; the sums are the same bits either way. CUDA tensors go through NCCL instead
+//! ([`tensor_reducer`], `nccl.rs`); the ring still carries the small collectives.
 //!
 //! Data parallelism follows official DINO (`DistributedSampler` + DDP): the global batch of a step
-//! is `W × batch_size_per_worker` consecutive entries of the epoch permutation, rank `R` taking
-//! every `W`-th of them starting at `R`; each rank computes the loss of its share, and the
+//! is `G` consecutive entries of the epoch permutation, rank `R` taking every `W`-th of them
+//! starting at `R` (`protodino_data::plan`); each rank computes the loss of its share, and the
 //! gradients are averaged, so `W` ranks follow the single-process run with the global batch (up
 //! to the order of floating-point sums; tested).
 
@@ -29,10 +31,13 @@ use protodino_collectives::{
 use protodino_dino::{DinoError, Reducer};
 use tch::{Device, Kind, Tensor};
 
+use crate::nccl::NcclReducer;
+
 /// Environment variable holding the group secret of a multi-rank run.
 pub const SECRET_ENV: &str = "PROTODINO_GROUP_SECRET";
 
-/// Deadline of the barrier that waits out rank-0-only work (analysis, checkpoints).
+/// Progress deadline of `protodino train` while it waits out rank-0-only work (the state
+/// broadcast, checkpoints).
 const LONG_WAIT: Duration = Duration::from_secs(1800);
 
 /// Where this process sits in a data-parallel run.
@@ -70,6 +75,8 @@ pub struct Dist {
     pub rank: usize,
     pub world: usize,
     group: RefCell<RingGroup>,
+    /// Progress deadline of the phases where ranks arrive far apart (see [`Dist::patiently`]).
+    long_wait: Duration,
 }
 
 impl Dist {
@@ -79,6 +86,18 @@ impl Dist {
             rank: 0,
             world: 1,
             group: RefCell::new(RingGroup::solo(GroupOptions::default())),
+            long_wait: LONG_WAIT,
+        }
+    }
+
+    /// A formed group (from an assignment) whose rank-0-only phases (the state broadcast, the
+    /// barrier around checkpoints) may take up to `long_wait` without progress.
+    pub fn from_group(group: RingGroup, long_wait: Duration) -> Self {
+        Self {
+            rank: group.rank(),
+            world: group.world(),
+            group: RefCell::new(group),
+            long_wait,
         }
     }
 
@@ -115,6 +134,7 @@ impl Dist {
             rank: args.rank,
             world: args.world,
             group: RefCell::new(group),
+            long_wait: LONG_WAIT,
         })
     }
 
@@ -127,7 +147,7 @@ impl Dist {
         self.rank == 0
     }
 
-    /// Runs `op` on the group with the progress deadline widened to [`LONG_WAIT`], then puts
+    /// Runs `op` on the group with the progress deadline widened to `long_wait`, then puts
     /// the group's own deadline back.
     fn patiently<R>(
         &self,
@@ -135,61 +155,76 @@ impl Dist {
     ) -> protodino_collectives::Result<R> {
         let mut g = self.group.borrow_mut();
         let normal = g.options().timeout;
-        g.set_timeout(LONG_WAIT);
+        g.set_timeout(self.long_wait);
         let result = op(&mut g);
         g.set_timeout(normal);
         result
     }
 
-    /// Makes `path` on every rank a copy of rank 0's file, streamed through the group (the file
-    /// is never held whole in memory).
-    pub fn broadcast_file(&self, path: &Path) -> Result<()> {
+    /// Makes `path` on every rank a copy of rank `root`'s file, streamed through the group (the
+    /// file is never held whole in memory).
+    pub fn broadcast_file(&self, path: &Path, root: usize) -> Result<(), CollectiveError> {
         if self.world == 1 {
             return Ok(());
         }
-        if self.rank == 0 {
-            let mut file = File::open(path)?;
-            let len = file.metadata()?.len();
+        if self.rank == root {
+            let mut file = File::open(path).map_err(CollectiveError::Stream)?;
+            let len = file.metadata().map_err(CollectiveError::Stream)?.len();
             self.patiently(|g| g.broadcast_send(&mut file, len))
         } else {
-            let mut file = BufWriter::new(File::create(path)?);
-            let got = self.patiently(|g| g.broadcast_recv(0, &mut file).map(|_| ()));
+            let mut file = BufWriter::new(File::create(path).map_err(CollectiveError::Stream)?);
+            let got = self.patiently(|g| g.broadcast_recv(root, &mut file).map(|_| ()));
             got.and_then(|()| file.flush().map_err(CollectiveError::Stream))
         }
-        .with_context(|| format!("broadcasting {} from rank 0", path.display()))
+    }
+
+    /// Makes `buf` on every rank a copy of rank `root`'s bytes (small buffers: an NCCL id).
+    pub fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let mut g = self.group.borrow_mut();
+        if self.rank == root {
+            g.broadcast_send(&mut buf.as_slice(), buf.len() as u64)
+        } else {
+            buf.clear();
+            g.broadcast_recv(root, buf).map(|_| ())
+        }
     }
 
     /// Waits for every rank with a long deadline: called by all ranks after work that only rank
     /// 0 does, so the others' next all-reduce does not count that time against its deadline.
-    pub fn wait_for_leader(&self) -> Result<()> {
+    pub fn wait_for_leader(&self) -> Result<(), CollectiveError> {
         if self.world == 1 {
             return Ok(());
         }
         self.patiently(RingGroup::barrier)
-            .context("waiting for rank 0")
     }
 
-    /// Averages `values` over the ranks (the logged losses of the global batch).
-    pub fn mean(&self, values: &mut [f64]) -> Result<()> {
+    /// Averages `values` over the ranks (the logged losses of the global batch) and counts the
+    /// stop vote: returns true when any rank voted `stop`. The vote rides in the same all-reduce
+    /// as one more value (1 for stop), so every rank learns the same answer after the same step.
+    pub fn mean_and_vote(&self, values: &mut [f64], stop: bool) -> Result<bool, CollectiveError> {
         if self.world == 1 {
-            return Ok(());
+            return Ok(stop);
         }
         let mut v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+        v.push(if stop { 1.0 } else { 0.0 });
         self.group
             .borrow_mut()
-            .all_reduce(&mut v, ReduceOp::Average)
-            .context("averaging step metrics")?;
+            .all_reduce(&mut v, ReduceOp::Average)?;
+        let vote = v.pop().unwrap_or(0.0);
         for (x, y) in values.iter_mut().zip(v) {
             *x = y as f64;
         }
-        Ok(())
+        Ok(vote > 0.0)
     }
 
     fn reduce(&self, tensors: &mut [Tensor], op: ReduceOp) -> Result<(), DinoError> {
         if self.world == 1 {
             return Ok(());
         }
-        let bad = |what: String| DinoError::Collective(what);
+        let bad = |what: String| DinoError::Collective(CollectiveError::InvalidArgument(what));
         // Contiguous tensors are reduced in place; others through a contiguous copy.
         let mut work = Vec::with_capacity(tensors.len());
         for t in tensors.iter() {
@@ -222,13 +257,11 @@ impl Dist {
             }
         }
         let mut g = self.group.borrow_mut();
-        let failed =
-            |e: protodino_collectives::CollectiveError| DinoError::Collective(e.to_string());
         if !f32s.is_empty() {
-            g.all_reduce_many(&mut f32s, op).map_err(failed)?;
+            g.all_reduce_many(&mut f32s, op)?;
         }
         if !bf16s.is_empty() {
-            g.all_reduce_many(&mut bf16s, op).map_err(failed)?;
+            g.all_reduce_many(&mut bf16s, op)?;
         }
         for (t, w) in tensors.iter_mut().zip(&work) {
             if !t.is_contiguous() {
@@ -263,5 +296,47 @@ impl Reducer for Dist {
     /// not by a second pass over the gradients.
     fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<(), DinoError> {
         self.reduce(tensors, ReduceOp::Average)
+    }
+}
+
+/// The reducer of a step's tensors: the ring itself for CPU tensors (and any world of one), NCCL
+/// for CUDA tensors in a group.
+pub enum TensorReducer<'a> {
+    Ring(&'a Dist),
+    Nccl(NcclReducer),
+}
+
+impl TensorReducer<'_> {
+    pub fn as_reducer(&self) -> &dyn Reducer {
+        match self {
+            Self::Ring(d) => *d,
+            Self::Nccl(n) => n,
+        }
+    }
+
+    /// `ring` or `nccl`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Ring(_) => "ring",
+            Self::Nccl(_) => "nccl",
+        }
+    }
+}
+
+/// The reducer for tensors on `device`: NCCL when they live on a CUDA device and the group has
+/// more than one member (its unique id is `nccl_id` when the coordinator sent one, else rank 0
+/// generates one and broadcasts it over the ring), the ring otherwise. Errors clearly when CUDA
+/// is asked for on a machine without NCCL.
+pub fn tensor_reducer<'a>(
+    dist: &'a Dist,
+    device: Device,
+    nccl_id: &[u8],
+) -> Result<TensorReducer<'a>> {
+    match device {
+        Device::Cuda(index) if dist.world > 1 => {
+            let reducer = NcclReducer::join(dist, index, nccl_id)?;
+            Ok(TensorReducer::Nccl(reducer))
+        }
+        _ => Ok(TensorReducer::Ring(dist)),
     }
 }

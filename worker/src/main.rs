@@ -1,16 +1,29 @@
 //! `protodino`: the command-line interface of protodino. `main` only parses arguments and
-//! dispatches; each command lives in its own module:
-//! - `train` (train.rs): training with progress, checkpoints, collapse figures and a final
-//!   report, in one process or as one rank of a data-parallel group (dist.rs);
-//! - `prototypes` (prototypes.rs): unique-prototype analysis of any checkpoint;
-//! - `replay` (replay.rs): recompute or re-apply one step of a saved batch;
-//! - `knn`, `linear`, `fewshot` (eval.rs): evaluation of a checkpoint's teacher.
+//! dispatches; each command lives in its own module.
+//!
+//! Module map:
+//! - `train/` — training: the step loop over a sink shared by `train` and the agent, the pure
+//!   "what is due" policy, checkpoints, collapse analysis (background on rank 0), evaluation,
+//!   the typed final report, the replica hash; `protodino train` itself (`train/standalone.rs`),
+//!   in one process or as one rank of a static data-parallel group;
+//! - `agent/` — `protodino worker`: registers with the coordinator, heartbeats, keeps an
+//!   ordered report queue, reconnects, and runs each assignment as a training session on its own
+//!   OS thread (`agent/session.rs`), with its `/metrics`;
+//! - `dist.rs` — the data-parallel group over `protodino-collectives` (the ring's reducer, state
+//!   broadcast, the losses all-reduce with the stop vote); `nccl.rs` — the CUDA reducer;
+//! - `client.rs` — the user side of the job API (`submit`, `status`, `list`, `watch`, `cancel`,
+//!   `checkpoints`);
+//! - `prototypes.rs` — unique-prototype analysis of any checkpoint;
+//! - `replay.rs` — recompute or re-apply one step of a saved batch;
+//! - `eval.rs` — `knn`, `linear`, `fewshot`: evaluation of a checkpoint's teacher.
 
+mod agent;
+mod client;
 mod dist;
 mod eval;
+mod nccl;
 mod prototypes;
 mod replay;
-mod report;
 mod train;
 
 use std::path::PathBuf;
@@ -75,12 +88,13 @@ enum Cmd {
         /// Output directory (overrides train.output_dir).
         #[arg(long)]
         output_dir: Option<PathBuf>,
-        /// k-NN on at most this many training images of the evaluation set (0 = all).
-        #[arg(long, default_value_t = 10_000)]
-        knn_train_limit: usize,
-        /// k-NN on at most this many test images (0 = all).
-        #[arg(long, default_value_t = 2_000)]
-        knn_test_limit: usize,
+        /// k-NN on at most this many training images of the evaluation set (0 = all; default
+        /// eval.knn_train_images).
+        #[arg(long)]
+        knn_train_limit: Option<usize>,
+        /// k-NN on at most this many test images (0 = all; default eval.knn_test_images).
+        #[arg(long)]
+        knn_test_limit: Option<usize>,
         /// JSON lines on stdout instead of a progress bar.
         #[arg(long)]
         json: bool,
@@ -97,6 +111,11 @@ enum Cmd {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Serve a coordinator: register, take assignments and train them (the training service's
+    /// worker agent; join token in --join-token-file or PROTODINO_JOIN_TOKEN).
+    Worker(agent::AgentArgs),
+    #[command(flatten)]
+    Client(client::ClientCmd),
     /// Unique prototypes and nearest-neighbour statistics of a checkpoint's prototype layer.
     Prototypes {
         checkpoint: PathBuf,
@@ -185,6 +204,8 @@ fn main() -> Result<()> {
                 listen,
             },
         }),
+        Cmd::Worker(args) => agent::run(args),
+        Cmd::Client(cmd) => client::run(cmd),
         Cmd::Prototypes {
             checkpoint,
             eps,

@@ -1,8 +1,10 @@
 //! The error type of the DINO library.
 //!
 //! One enum for the crate: shape / configuration mistakes, checkpoint and batch-file problems,
-//! collective (all-reduce) failures reported by a [`crate::Reducer`], and the non-finite-loss abort
-//! of a training step, which carries everything needed to replay the step.
+//! collective (all-reduce) failures reported by a [`crate::Reducer`] — kept typed, so a caller can
+//! tell a lost peer ([`protodino_collectives::CollectiveError::is_peer_failure`], regroup) from a
+//! bug — and the non-finite-loss abort of a training step, which carries everything needed to
+//! replay the step.
 
 use std::path::PathBuf;
 
@@ -49,9 +51,9 @@ pub enum DinoError {
     /// The model-weights layer (safetensors reading and writing) failed.
     #[error("weights: {0}")]
     Weights(String),
-    /// A collective operation failed (peer lost, timeout, ...).
+    /// A collective operation failed (peer lost, timeout, mismatched call, ...).
     #[error("collective: {0}")]
-    Collective(String),
+    Collective(#[from] protodino_collectives::CollectiveError),
     /// The loss of a step was NaN or infinite; the step was not applied.
     #[error(
         "non-finite loss at step {} (epoch {}): dino {} koleo_proto {} total {}",
@@ -61,6 +63,12 @@ pub enum DinoError {
 }
 
 impl DinoError {
+    /// True when a collective failed because a peer died, hung or disconnected: the group must
+    /// be re-formed, and nothing is wrong with this process or its inputs.
+    pub fn is_peer_failure(&self) -> bool {
+        matches!(self, DinoError::Collective(e) if e.is_peer_failure())
+    }
+
     pub(crate) fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         DinoError::Format {
             path: path.into(),
