@@ -312,3 +312,49 @@ fn a_coordinator_killed_mid_job_loses_nothing_and_the_job_finishes() {
         );
     });
 }
+
+#[test]
+fn a_drifted_replica_is_detected_by_its_hash_and_re_synced_from_the_majority() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = Roots::new(dir.path());
+    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &["--hash-every-steps", "4"]);
+    let _w0 = Worker::start(&roots, &coordinator.url(), "worker-a", &[]);
+    let _w1 = Worker::start(&roots, &coordinator.url(), "worker-b", &[]);
+    // The test-only hook: this replica changes one teacher weight after step 3. Three members,
+    // so the two untouched replicas are the majority whatever the ranks.
+    let _w2 = Worker::start(
+        &roots,
+        &coordinator.url(),
+        "worker-c",
+        &[("PROTODINO_TEST_PERTURB_AT_STEP", "3")],
+    );
+    runtime().block_on(async {
+        let mut jobs = coordinator.jobs().await;
+        // 160 images, global batch 24: 6 steps per epoch, 2 epochs.
+        let job = submit(&mut jobs, spec(BASE, 3, 24, 12)).await;
+        let done = wait_for(
+            &mut jobs,
+            &job.job_id,
+            5 * MINUTES,
+            "success",
+            is_state(JobState::Succeeded),
+        )
+        .await;
+        let p = done.progress.unwrap();
+        eprintln!(
+            "replica mismatches {}, membership epochs {}",
+            p.replica_mismatches, p.membership_epoch
+        );
+        // Detected once (at the hash of step 4), and equal at every later hash (8, 12).
+        assert_eq!(p.replica_mismatches, 1, "{p:?}");
+        assert!(
+            p.membership_epoch >= 2,
+            "the group was not re-formed: {p:?}"
+        );
+        assert_eq!(p.step, 12);
+        assert_eq!(
+            audit_exactly_once(&job_dir(&roots, &done).join("steps.jsonl"), 24),
+            12
+        );
+    });
+}
