@@ -507,7 +507,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let want = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     libtorch::ensure()?;
     data::ensure()?;
-    let python = pyref::ensure()?;
+    // The service rows compare protodino with itself; every other section needs PyTorch.
+    let python = if ["step", "data", "e2e", "allreduce"].iter().any(|s| want(s)) {
+        pyref::ensure()?
+    } else {
+        PathBuf::new()
+    };
     let mut build = cargo();
     build.args(["build", "--release"]);
     build.args(["-p", "protodino-dino", "--example", "step_time"]);
