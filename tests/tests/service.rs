@@ -69,13 +69,17 @@ fn without_key_bias(
     t
 }
 
+/// `worker-a` and `worker-b`, plain.
+fn two_workers(roots: &Roots, coordinator: &Coordinator) -> [Worker; 2] {
+    ["worker-a", "worker-b"].map(|name| Worker::start(roots, &coordinator.url(), name, &[]))
+}
+
 #[test]
 fn two_workers_train_a_job_equal_to_one_process_and_use_each_sample_once() {
     let dir = tempfile::tempdir().unwrap();
     let roots = Roots::new(dir.path());
     let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &[]);
-    let _w0 = Worker::start(&roots, &coordinator.url(), "worker-a", &[]);
-    let _w1 = Worker::start(&roots, &coordinator.url(), "worker-b", &[]);
+    let _workers = two_workers(&roots, &coordinator);
     runtime().block_on(async {
         let mut jobs = coordinator.jobs().await;
         let job = submit(&mut jobs, spec(BASE, 2, 16, 20)).await;
@@ -157,8 +161,7 @@ fn cancel_frees_the_workers_koleo_zero_is_plain_dino_and_non_finite_losses_fail(
     let dir = tempfile::tempdir().unwrap();
     let roots = Roots::new(dir.path());
     let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &[]);
-    let _w0 = Worker::start(&roots, &coordinator.url(), "worker-a", &[]);
-    let _w1 = Worker::start(&roots, &coordinator.url(), "worker-b", &[]);
+    let _workers = two_workers(&roots, &coordinator);
     runtime().block_on(async {
         let mut jobs = coordinator.jobs().await;
         // A long job, cancelled once it trains.
@@ -262,8 +265,7 @@ fn a_coordinator_killed_mid_job_loses_nothing_and_the_job_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let roots = Roots::new(dir.path());
     let mut coordinator = Coordinator::start(&roots, "127.0.0.1:0", &[]);
-    let _w0 = Worker::start(&roots, &coordinator.url(), "worker-a", &[]);
-    let _w1 = Worker::start(&roots, &coordinator.url(), "worker-b", &[]);
+    let _workers = two_workers(&roots, &coordinator);
     let addr = coordinator.addr.clone();
     let rt = runtime();
     let (job_id, before) = rt.block_on(async {
@@ -318,8 +320,7 @@ fn a_drifted_replica_is_detected_by_its_hash_and_re_synced_from_the_majority() {
     let dir = tempfile::tempdir().unwrap();
     let roots = Roots::new(dir.path());
     let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &["--hash-every-steps", "4"]);
-    let _w0 = Worker::start(&roots, &coordinator.url(), "worker-a", &[]);
-    let _w1 = Worker::start(&roots, &coordinator.url(), "worker-b", &[]);
+    let _workers = two_workers(&roots, &coordinator);
     // The test-only hook: this replica changes one teacher weight after step 3. Three members,
     // so the two untouched replicas are the majority whatever the ranks.
     let _w2 = Worker::start(

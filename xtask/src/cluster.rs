@@ -90,7 +90,8 @@ pub struct LocalService {
     agents: Vec<Guard>,
 }
 
-/// Builds the release binaries of the service.
+/// Builds the release binaries of the service (`protodino`, `protodino-coordinator`); returns
+/// their directory.
 pub fn build_release() -> Result<PathBuf> {
     let mut build = cargo();
     build.args([

@@ -174,16 +174,7 @@ fn demo(workers: usize, standalone: bool, args: Vec<String>) -> Result<()> {
         batch.is_multiple_of(workers),
         "--workers {workers}: the demo's global batch of {batch} must divide evenly"
     );
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "--package",
-        "protodino-worker",
-        "--bin",
-        "protodino",
-    ]);
-    run(build)?;
+    cluster::build_release()?;
     let exe = target_dir().join("release/protodino");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ports: Vec<u16> = (0..workers)

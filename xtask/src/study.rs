@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
-use crate::{cache_root, cargo, repo_root, run, target_dir};
+use crate::{cache_root, repo_root, run, target_dir};
 
 /// Classes 0–2 of the long-tailed split are the head (6000–2154 images), 7–9 the tail
 /// (215–60 images); the labels are in decreasing order of frequency by construction.
@@ -73,16 +73,7 @@ pub fn study(args: StudyArgs) -> Result<()> {
     crate::libtorch::ensure()?;
     crate::data::ensure()?;
     let font = ensure_font()?;
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "--package",
-        "protodino-worker",
-        "--bin",
-        "protodino",
-    ]);
-    run(build)?;
+    crate::cluster::build_release()?;
     let bin = target_dir().join("release/protodino");
     ensure!(bin.exists(), "{} was not built", bin.display());
 
