@@ -6,7 +6,7 @@ training loop a user would otherwise run, with torchvision transforms on PIL ima
     python scripts/bench/train_torch.py --config configs/default.toml --config configs/cpu-demo.toml \
         --fmnist-raw <data_root>/fashion-mnist/raw --steps 100
 
-What it runs (ALGORITHM.md, official DINO main_dino.py order): the training set is the
+What it runs (docs/algorithm.md, official DINO main_dino.py order): the training set is the
 `data.limit` evenly spaced images `i * n // limit` of the 60 000 (as protodino's `data.limit`),
 shuffled per epoch, batches of `train.batch_size_per_worker` with drop_last, decoded into PIL
 "L" -> "RGB" and augmented by the DINO multi-crop (crates/data/reference/bench_torchvision.py)

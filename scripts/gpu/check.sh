@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of protodino, in one call on a one-GPU machine (shared/spec/GPU.md):
+# The GPU check of protodino, in one call on a one-GPU machine (docs/gpu.md):
 #   0. the carried binaries load against the machine's torch + NCCL (ldd, `protodino version`);
 #   1. NCCL through cudarc, world of one (nccl_check: init, all-reduce f32/bf16, broadcast,
 #      all-gather, barrier, refused call, abort, re-init from a new id, dead peer + re-init);

@@ -11,7 +11,7 @@ of the loss (the non-finite check), per-parameter gradient clipping at 3.0 witho
 AdamW with two parameter groups (torch.optim.AdamW defaults: the foreach implementation), EMA
 teacher update (official per-parameter loop) and centre update.
 
-Written from shared/spec/ALGORITHM.md and crates/dino/reference/golden_step.py (the spec-derived
+Written from docs/algorithm.md and crates/dino/reference/golden_step.py (the spec-derived
 pieces), with the official DINO ViT (vision_transformer.py: explicit softmax attention,
 bicubic position-embedding interpolation). Inputs are random normal tensors made on the device
 before the clock starts; each timed step ends with torch.cuda.synchronize().
@@ -187,7 +187,7 @@ class MultiCropWrapper(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# Loss, KoLeo-proto, clipping (ALGORITHM.md; golden_step.py).
+# Loss, KoLeo-proto, clipping (docs/algorithm.md; golden_step.py).
 
 class DINOLoss(nn.Module):
     def __init__(self, out_dim, ncrops, student_temp=0.1, center_momentum=0.9):

@@ -1,5 +1,5 @@
 //! `protodino knn | linear | fewshot CHECKPOINT`: evaluate a checkpoint's teacher backbone on a
-//! labelled data set (ALGORITHM.md §4). The model configuration comes from the checkpoint's
+//! labelled data set (docs/algorithm.md §4). The model configuration comes from the checkpoint's
 //! metadata, or from `--config` for checkpoints without one (converted official DINO weights).
 //!
 //! Features are extracted once with the evaluation transform (resize + centre crop); the linear
@@ -109,7 +109,7 @@ pub fn run(
         subset(test.len(), data.test_limit),
     );
     let probe = match &task {
-        // ViT-B: last CLS + mean patch token; other ViTs: last 4 CLS (ALGORITHM.md §4.2).
+        // ViT-B: last CLS + mean patch token; other ViTs: last 4 CLS (docs/algorithm.md §4.2).
         Task::Linear { .. } => Some(if cfg.model.arch == protodino_config::Arch::VitBase {
             (1, true)
         } else {

@@ -1,4 +1,4 @@
-//! Provision the real data sets into the cache (DATA.md): nothing is fetched at run time.
+//! Provision the real data sets into the cache: nothing is fetched at run time.
 //!
 //! Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package (`apt-get download`, then
 //! `dpkg-deb -x`); its four IDX files are decompressed and checked against the SHA-256 of the

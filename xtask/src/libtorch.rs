@@ -5,7 +5,7 @@
 //!    pins, and download those two wheels (no URL is written down anywhere).
 //! 2. Extract `torch/lib` (CPU libraries only) and `torch/include`, plus `libcudart.so.13` and
 //!    `libcupti.so.13`, which `libtorch_cpu.so` lists as needed, into a temporary directory.
-//! 3. Drop `libtorch_cuda.so` from `libtorch.so`'s needed list (ARCHITECTURE.md), write
+//! 3. Drop `libtorch_cuda.so` from `libtorch.so`'s needed list (a CPU-only libtorch never loads it), write
 //!    `build-version`, check with `ldd` that every library resolves, then rename the directory
 //!    into place: an interrupted run leaves only a temporary directory that the next run removes.
 //! 4. Point the repository's `.libtorch` link (read by `.cargo/config.toml`) at it.

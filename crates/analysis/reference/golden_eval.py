@@ -1,7 +1,7 @@
 """Golden values for protodino-analysis: DINO weighted k-NN, the linear probe (torch.optim.SGD +
 CosineAnnealingLR) and MSN-style logistic regression.
 
-Written from ALGORITHM.md §4.1 and §4.3 (no code copied). Run with the reference virtualenv's
+Written from docs/algorithm.md §4.1 and §4.3 (no code copied). Run with the reference virtualenv's
 python (torch, numpy, scikit-learn, safetensors), from the repository root:
 
     python crates/analysis/reference/golden_eval.py crates/analysis/tests/fixtures

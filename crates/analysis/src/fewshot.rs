@@ -1,4 +1,4 @@
-//! Few-shot evaluation, MSN protocol (ALGORITHM.md §4.3): a few labelled images per class,
+//! Few-shot evaluation, MSN protocol (docs/algorithm.md §4.3): a few labelled images per class,
 //! multinomial logistic regression on frozen features, mean ± std of top-1 over seeds.
 //!
 //! * **Subsets**: for a seed, one seeded permutation of the training set is scanned and the

@@ -1,4 +1,4 @@
-//! Weighted k-NN classification exactly as DINO's `eval_knn.py` (ALGORITHM.md §4.1).
+//! Weighted k-NN classification exactly as DINO's `eval_knn.py` (docs/algorithm.md §4.1).
 //!
 //! Train and test features are L2-normalised (F.normalize, eps 1e-12); for each test feature
 //! the cosine similarities to all train features are computed, the top-k neighbours taken,

@@ -1,4 +1,4 @@
-//! Prototype-collapse analysis and evaluation for protodino (ALGORITHM.md §3, §4). Works on
+//! Prototype-collapse analysis and evaluation for protodino (docs/algorithm.md §3, §4). Works on
 //! tensors only: the caller extracts features and logits with its models; this crate never
 //! builds a network.
 //!

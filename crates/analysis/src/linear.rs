@@ -1,4 +1,4 @@
-//! Linear probe on frozen features (ALGORITHM.md §4.2, DINO `eval_linear.py`).
+//! Linear probe on frozen features (docs/algorithm.md §4.2, DINO `eval_linear.py`).
 //!
 //! One `Linear(D, C)` (weight `N(0, 0.01)`, bias 0) trained with cross-entropy by SGD with
 //! momentum 0.9 (PyTorch semantics: `buf = m·buf + g`, `p −= lr·buf`, no dampening, no

@@ -1,7 +1,7 @@
 //! Reading the prototype layer (the K rows of the DINO head's weight-normalised last layer) from
 //! any set of named tensors, and turning it into effective, L2-normalised prototypes.
 //!
-//! Naming (ALGORITHM.md §3.3): a full protodino / official DINO checkpoint holds
+//! Naming (docs/algorithm.md §3.3): a full protodino / official DINO checkpoint holds
 //! `student.head.last_layer.weight_v` and `teacher.head.last_layer.weight_v` (each with an
 //! optional `weight_g`); DDP adds `module.` either before or after the network name
 //! (`student.module.head…`, `module.student.head…`); an exported head alone has a bare

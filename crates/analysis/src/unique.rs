@@ -1,4 +1,4 @@
-//! Unique-prototype counts (ALGORITHM.md §3.2) and nearest-neighbour statistics of a prototype
+//! Unique-prototype counts (docs/algorithm.md §3.2) and nearest-neighbour statistics of a prototype
 //! matrix, in one blockwise pass that never forms the K×K matrix.
 //!
 //! Two prototypes are "the same" at ε iff `D_ij = ‖μ_i − μ_j‖ < ε` on L2-normalised prototypes
@@ -39,7 +39,7 @@ use crate::prototypes::l2_normalize_rows;
 use crate::stats::quantile_sorted;
 use crate::union_find::UnionFind;
 
-/// The ε sweep of ALGORITHM.md §3.2 step 3.
+/// The ε sweep of docs/algorithm.md §3.2 step 3.
 pub const DEFAULT_EPS: [f64; 6] = [0.001, 0.01, 0.025, 0.05, 0.1, 0.2];
 
 /// Default rows per similarity block: 2048 × 65536 f32 = 512 MiB at the largest K.
@@ -95,7 +95,7 @@ pub struct Quantile {
 }
 
 /// Nearest-neighbour distances `d_k = min_{j≠k} ‖μ_k − μ_j‖` and the KoLeo-proto value
-/// `L_KP = −(1/K) Σ_k log(d_k + 1e-8)` (ALGORITHM.md §2.2, the project formula; a healthy
+/// `L_KP = −(1/K) Σ_k log(d_k + 1e-8)` (docs/algorithm.md §2.2, the project formula; a healthy
 /// random head with K = 65536, d = 256 gives ≈ −0.19).
 ///
 /// The neighbour is found by an f32 similarity search (argmax, as the training-time

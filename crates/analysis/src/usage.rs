@@ -1,4 +1,4 @@
-//! Prototype usage over a data set (ALGORITHM.md §3.4), accumulated batch by batch so the data
+//! Prototype usage over a data set (docs/algorithm.md §3.4), accumulated batch by batch so the data
 //! set never has to fit in memory at once.
 //!
 //! Per sample the assignment `p(k|x)` is, by the caller's [`Assignment`] choice, either the

@@ -1,5 +1,5 @@
 //! Reading prototype layers from real safetensors files with the naming variants of
-//! ALGORITHM.md §3.3, and the effective-prototype formula.
+//! docs/algorithm.md §3.3, and the effective-prototype formula.
 
 use protodino_analysis::knn::KnnOptions;
 use protodino_analysis::unique::{UniqueOptions, analyze_unique};

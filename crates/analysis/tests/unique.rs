@@ -148,7 +148,7 @@ fn random_init_is_all_unique_and_matches_spec_magnitudes() {
         assert_eq!(c.greedy, k, "ε = {}", c.eps);
         assert_eq!(c.connected_components, k, "ε = {}", c.eps);
     }
-    // ALGORITHM.md §2.3 (random unit vectors, K = 4096): mean NN distance 1.245, L_KP −0.219.
+    // docs/algorithm.md §2.3 (random unit vectors, K = 4096): mean NN distance 1.245, L_KP −0.219.
     let g = analyze_unique(
         &to_tensor(&unit_rows(k, 256, 12)),
         &UniqueOptions::default(),

@@ -1,4 +1,4 @@
-//! One-GPU check of the NCCL backend ([`NcclGroup`]) for a machine with a GPU (GPU.md): NCCL
+//! One-GPU check of the NCCL backend ([`NcclGroup`]) for a machine with a GPU (docs/gpu.md): NCCL
 //! refuses two ranks on one GPU, so everything runs as a world of one, on device memory taken with
 //! cudarc's driver API (no libtorch here).
 //!

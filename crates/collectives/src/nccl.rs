@@ -461,7 +461,7 @@ fn default_config(version: i32) -> ncclsys::ncclConfig_t {
 mod tests {
     use super::*;
 
-    /// Runs only where NCCL and a GPU exist (GPU.md: a world of one, since NCCL refuses two ranks
+    /// Runs only where NCCL and a GPU exist (docs/gpu.md: a world of one, since NCCL refuses two ranks
     /// on one GPU); elsewhere it checks that the backend reports itself unavailable, not panics.
     #[test]
     fn world_of_one_or_unavailable() {

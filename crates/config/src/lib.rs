@@ -4,7 +4,7 @@
 //! projection head, the loss temperatures and centring, KoLeo-proto, the optimiser and its
 //! schedules, the multi-crop augmentation, the data set, and the run itself.
 //!
-//! Layers, later ones winning (ALGORITHM.md §1.9 for the numbers):
+//! Layers, later ones winning (docs/algorithm.md §1.9 for the numbers):
 //! 1. `configs/default.toml` — the official DINO *code defaults*, compiled into this crate so the
 //!    file in the repository is the single source of truth;
 //! 2. zero or more TOML files given by the user (presets such as `configs/cpu-demo.toml`);

@@ -13,7 +13,7 @@ Run with the reference virtualenv's python (torch 2.11.0, torchvision 0.26, Pill
     cargo run --release -p protodino-data --bin protodino-data-bench -- \
         photos=/tmp/pd-photos fmnist=<data_root>/fashion-mnist/train threads=2
 
-The augmentation is written from ALGORITHM.md §1.2 (DINO's DataAugmentationDINO): per crop
+The augmentation is written from docs/algorithm.md §1.2 (DINO's DataAugmentationDINO): per crop
 RandomResizedCrop(BICUBIC) -> flip -> RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), 0.8) ->
 RandomGrayscale(0.2) -> PIL GaussianBlur(radius U[0.1, 2]) with the crop's probability ->
 solarize (global-2, p 0.2) -> ToTensor + Normalize. Loading is DINO's: PIL open + convert("RGB").

@@ -1,4 +1,4 @@
-//! The DINO multi-crop augmentation of ALGORITHM.md §1.2: parameter sampling (with
+//! The DINO multi-crop augmentation of docs/algorithm.md §1.2: parameter sampling (with
 //! torchvision's order and semantics) separated from application (pure, on 8-bit RGB).
 //!
 //! Per crop, in this order (DINO's `DataAugmentationDINO`):

@@ -1,7 +1,7 @@
 //! Gaussian blur: separable Gaussian with σ = the drawn PIL radius.
 //!
 //! DINO blurs with PIL's `ImageFilter.GaussianBlur(radius)`, which approximates a Gaussian by
-//! three extended box blurs. We use a true sampled Gaussian instead (as ALGORITHM.md §1.2 asks),
+//! three extended box blurs. We use a true sampled Gaussian instead (as docs/algorithm.md §1.2 asks),
 //! with torchvision's definition so that it can be tested exactly: kernel size
 //! `2·ceil(3σ) + 1` (torchvision takes the size as a parameter; ±3σ holds 99.7 % of the mass),
 //! weights `exp(−x²/2σ²)` at the integer offsets normalised to sum 1, *reflect* padding, float

@@ -34,7 +34,7 @@ impl RgbImage {
     }
 }
 
-/// ImageNet channel means and standard deviations (ALGORITHM.md §1.2).
+/// ImageNet channel means and standard deviations (docs/algorithm.md §1.2).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 

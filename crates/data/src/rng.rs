@@ -3,7 +3,7 @@
 //!
 //! Why counter-based: a worker, a thread or a process that handles a sample produces the same
 //! crops for it without any shared generator state, so elastic membership changes and redone
-//! steps reproduce the exact augmentation (ARCHITECTURE.md, "Data: epochs, shards").
+//! steps reproduce the exact augmentation (docs/service.md, "The data plan and the exactly-once ledger").
 //!
 //! The generator hashes a 64-bit key with a 64-bit counter through two rounds of the SplitMix64
 //! finaliser (a bijective avalanche mixer). It is not cryptographic; it only has to be uniform

@@ -1,6 +1,6 @@
 //! Statistical tests of the random parameters over 10 000 draws: RandomResizedCrop area and
 //! log-ratio distributions (Kolmogorov–Smirnov against the uniform laws torchvision samples
-//! from), the centre-crop fallback, and every probability of ALGORITHM.md §1.2.
+//! from), the centre-crop fallback, and every probability of docs/algorithm.md §1.2.
 
 use protodino_data::augment::{CropSpec, sample_crop_params, sample_rrc};
 use protodino_data::rng::CounterRng;

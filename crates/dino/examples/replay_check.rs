@@ -1,4 +1,4 @@
-//! CPU-versus-device equality of one DINO + KoLeo-proto step on a fixed batch (GPU.md: CUDA
+//! CPU-versus-device equality of one DINO + KoLeo-proto step on a fixed batch (docs/gpu.md: CUDA
 //! forward/backward, bf16 autocast, CPU and GPU loss within tolerance).
 //!
 //! ```text

@@ -1,4 +1,4 @@
-"""Golden values for protodino-dino, written from ALGORITHM.md §1–§2 (official DINO semantics).
+"""Golden values for protodino-dino, written from docs/algorithm.md §1–§2 (official DINO semantics).
 
 Rerun (from the repository root) with the reference virtualenv's python:
 
@@ -98,7 +98,7 @@ class DINOLoss(nn.Module):
 
 
 def koleo_proto(w, eps=1e-8):
-    """DINOv2 KoLeoLoss applied to the prototype rows (ALGORITHM.md §2.3)."""
+    """DINOv2 KoLeoLoss applied to the prototype rows (docs/algorithm.md §2.3)."""
     mu = F.normalize(w, eps=eps, p=2, dim=-1)
     with torch.no_grad():
         dots = torch.mm(mu, mu.t())
@@ -338,7 +338,7 @@ def golden_tiny_step(out):
 
 
 class LARS(torch.optim.Optimizer):
-    """The official DINO LARS (ALGORITHM.md §1.7): no decay and no trust ratio for 1-D params."""
+    """The official DINO LARS (docs/algorithm.md §1.7): no decay and no trust ratio for 1-D params."""
 
     def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))

@@ -1,5 +1,5 @@
-//! Checkpoints: one safetensors file holding the whole training state (ALGORITHM.md §1.6, §1.8;
-//! ARCHITECTURE.md "Checkpoints").
+//! Checkpoints: one safetensors file holding the whole training state (docs/algorithm.md §1.6, §1.8;
+//! docs/service.md, "Rank 0's extra work").
 //!
 //! Tensor names:
 //! * `student.<official name>` and `teacher.<official name>` for every variable of the two

@@ -1,4 +1,4 @@
-//! The EMA teacher (ALGORITHM.md §1.8 step 8; pitfall 8): for every parameter pair, including a
+//! The EMA teacher (docs/algorithm.md §1.8 step 8; pitfall 8): for every parameter pair, including a
 //! frozen `weight_g`, `θ_t ← m·θ_t + (1 − m)·θ_s`, in the official operation order
 //! (`mul_(m)` then `add_((1 − m)·θ_s)`). Buffers are not EMA-ed.
 

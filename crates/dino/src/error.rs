@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-/// What went wrong when a step's loss was not finite (ALGORITHM.md §1.8 step 3).
+/// What went wrong when a step's loss was not finite (docs/algorithm.md §1.8 step 3).
 ///
 /// The trainer's state is left exactly as it was before the step (nothing is updated before the
 /// check), so the step can be replayed from the files named here.

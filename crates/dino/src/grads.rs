@@ -1,4 +1,4 @@
-//! Gradient handling between backward and the optimiser step (ALGORITHM.md §1.8 steps 5–6;
+//! Gradient handling between backward and the optimiser step (docs/algorithm.md §1.8 steps 5–6;
 //! pitfalls 5, 6): per-parameter clipping and the gradient norms reported as metrics.
 //!
 //! Clipping is per tensor, not global: for each gradient `n = ‖grad‖₂`, `coef = clip/(n + 1e-6)`

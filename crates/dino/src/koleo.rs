@@ -1,5 +1,5 @@
 //! KoLeo-proto, the Kozachenko–Leonenko entropy regulariser on the student's prototypes
-//! (ALGORITHM.md §2.2, §2.3; pitfall 12).
+//! (docs/algorithm.md §2.2, §2.3; pitfall 12).
 //!
 //! `L_KP = −(1/K) Σ_k log(d_k + ε)` with `d_k = ‖μ_k − μ_nn(k) + ε‖₂`, where
 //! `μ_k = w_k / max(‖w_k‖, ε)` are the L2-normalised effective prototypes `w_k = g_k v_k/‖v_k‖`

@@ -1,5 +1,5 @@
 //! The DINO + KoLeo-proto training step of protodino, exact to the official DINO code
-//! (`shared/spec/ALGORITHM.md` §1, §2 and the pitfalls of §7). No networking: the distributed
+//! (`docs/algorithm.md` §1, §2 and the pitfalls of §7). No networking: the distributed
 //! parts are reached through the [`Reducer`] hook.
 //!
 //! Module map (read in this order):

@@ -1,4 +1,4 @@
-//! The DINO loss with teacher centring and sharpening (ALGORITHM.md §1.5, §1.6; pitfalls 1–4, 11).
+//! The DINO loss with teacher centring and sharpening (docs/algorithm.md §1.5, §1.6; pitfalls 1–4, 11).
 //!
 //! Student and teacher outputs are crop-major (`[global-1 of all B images; global-2; local-1; …]`).
 //! The loss averages the cross-entropies of the `2V − 2` (teacher crop `a`, student crop `v ≠ a`)

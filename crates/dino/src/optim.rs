@@ -1,4 +1,4 @@
-//! Our own optimisers with exportable state (ALGORITHM.md §1.7; DEPENDENCIES.md: tch cannot export
+//! Our own optimisers with exportable state (docs/algorithm.md §1.7; tch cannot export
 //! its optimiser state, and the checkpoint, resume and state broadcast need it).
 //!
 //! * **AdamW** exactly as PyTorch's single-tensor path (the one PyTorch uses on CPU): per

@@ -1,4 +1,4 @@
-//! Naming and grouping of parameters (ALGORITHM.md §1.7 groups, §1.8 freeze and EMA; pitfalls 6–9).
+//! Naming and grouping of parameters (docs/algorithm.md §1.7 groups, §1.8 freeze and EMA; pitfalls 6–9).
 //!
 //! A network's variables live in a tch `VarStore` under their official DINO names
 //! (`student.backbone.cls_token`, `student.head.last_layer.weight_v`, …). Three questions are

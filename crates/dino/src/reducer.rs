@@ -2,7 +2,7 @@
 //!
 //! The step calls a [`Reducer`] twice: to average the gradients over the workers after backward,
 //! and to sum the teacher-logit row sums (and their row counts) for the centre update
-//! (ALGORITHM.md §1.6). The worker implements it with real collectives (TCP ring, NCCL); this
+//! (docs/algorithm.md §1.6). The worker implements it with real collectives (TCP ring, NCCL); this
 //! crate only ships the trivial world of one, [`LocalReducer`].
 
 use tch::Tensor;

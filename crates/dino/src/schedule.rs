@@ -1,4 +1,4 @@
-//! Per-iteration schedules of a DINO run (ALGORITHM.md §1.7, §1.5): learning rate (linear scaling
+//! Per-iteration schedules of a DINO run (docs/algorithm.md §1.7, §1.5): learning rate (linear scaling
 //! with the global batch, linear warm-up from 0, cosine to `min_lr`), weight decay (cosine
 //! 0.04 → 0.4, increasing), teacher EMA momentum (cosine 0.996 → 1) and the per-**epoch**
 //! teacher temperature (linspace with both endpoints, then constant).

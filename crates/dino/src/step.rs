@@ -1,6 +1,6 @@
 //! The training step: [`DinoTrainer`] owns student and teacher, the optimiser state, the DINO
 //! centre, KoLeo-proto and the schedules, and runs one iteration in the official order
-//! (ALGORITHM.md §1.8):
+//! (docs/algorithm.md §1.8):
 //!
 //! 1. schedule values of iteration `it` (lr both groups, wd group 0, momentum, τ_t(epoch));
 //! 2. teacher forward on the 2 global crops (no grad), student forward on all crops — inside a

@@ -1,5 +1,5 @@
 //! KoLeo-proto on random unit prototypes in 256-d (what DINO's initialisation gives): the
-//! magnitudes of ALGORITHM.md §2.3, a collapsed head, and K = 65536 without a K×K matrix.
+//! magnitudes of docs/algorithm.md §2.3, a collapsed head, and K = 65536 without a K×K matrix.
 
 use protodino_dino::koleo_proto;
 use tch::{Device, Kind, Tensor};

@@ -1,4 +1,4 @@
-"""Golden values for the protodino-models tests, written from ALGORITHM.md §1.3 (not copied code).
+"""Golden values for the protodino-models tests, written from docs/algorithm.md §1.3 (not copied code).
 
 Rerun with the reference virtualenv's python (torch 2.11, torchvision, safetensors), from the
 repository root:

@@ -249,7 +249,7 @@ pub fn named_tensors(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
 }
 
 /// Names of buffers (BatchNorm running statistics): state that is saved and loaded but neither
-/// trained nor averaged by the EMA teacher (ALGORITHM.md §1.8 step 8).
+/// trained nor averaged by the EMA teacher (docs/algorithm.md §1.8 step 8).
 pub fn is_buffer(name: &str) -> bool {
     name.ends_with("running_mean")
         || name.ends_with("running_var")
