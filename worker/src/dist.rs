@@ -70,6 +70,15 @@ impl DistArgs {
     }
 }
 
+/// Why a state sync failed: the group (a peer, the stream) or this replica's own state files.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("the state broadcast: {0}")]
+    Collective(CollectiveError),
+    #[error("the replica's state file: {0}")]
+    State(DinoError),
+}
+
 /// A data-parallel group as the training loop uses it.
 pub struct Dist {
     pub rank: usize,
@@ -176,6 +185,33 @@ impl Dist {
             let got = self.patiently(|g| g.broadcast_recv(root, &mut file).map(|_| ()));
             got.and_then(|()| file.flush().map_err(CollectiveError::Stream))
         }
+    }
+
+    /// Makes every member's replica a copy of rank `source`'s whole state (student, teacher,
+    /// optimiser moments, centre, schedule and data position): one checkpoint file streamed
+    /// through `scratch`, which is removed afterwards on every rank, whatever happened.
+    pub fn sync_state(
+        &self,
+        trainer: &mut crate::train::Trainer,
+        scratch: &Path,
+        source: usize,
+    ) -> Result<(), SyncError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let synced = (|| {
+            if self.rank == source {
+                trainer.save_checkpoint(scratch).map_err(SyncError::State)?;
+            }
+            self.broadcast_file(scratch, source)
+                .map_err(SyncError::Collective)?;
+            if self.rank != source {
+                trainer.load_checkpoint(scratch).map_err(SyncError::State)?;
+            }
+            Ok(())
+        })();
+        let _ = std::fs::remove_file(scratch);
+        synced
     }
 
     /// Makes `buf` on every rank a copy of rank `root`'s bytes (small buffers: an NCCL id).

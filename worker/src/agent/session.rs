@@ -28,7 +28,7 @@ use super::outcome::Outcome;
 use super::queue::{Report, ReportSender};
 use super::setup::{JobData, check_assignment, prepare};
 use super::sink::{AgentSink, Leader};
-use crate::dist::{Dist, tensor_reducer};
+use crate::dist::{Dist, SyncError, tensor_reducer};
 use crate::train::reporter::Reporter;
 use crate::train::{
     Cadence, LoopEnd, LoopSpec, Trainer, build_job_trainer, checkpoints, run_steps, state_hash,
@@ -384,23 +384,13 @@ fn sync_state(
             ".sync-{}-rank{}.safetensors",
             a.membership_epoch, dist.rank
         ));
-        let synced = (|| {
-            if dist.rank == source {
-                trainer
-                    .save_checkpoint(&scratch)
-                    .map_err(|e| Outcome::worker(format!("writing the state to broadcast: {e}")))?;
-            }
-            dist.broadcast_file(&scratch, source)
-                .map_err(|e| Outcome::collective("the state broadcast", &e))?;
-            if dist.rank != source {
-                trainer.load_checkpoint(&scratch).map_err(|e| {
-                    Outcome::worker(format!("loading the state of rank {source}: {e}"))
-                })?;
-            }
-            Ok(())
-        })();
-        let _ = std::fs::remove_file(&scratch);
-        synced?;
+        dist.sync_state(trainer, &scratch, source)
+            .map_err(|e| match e {
+                SyncError::Collective(e) => Outcome::collective("the state broadcast", &e),
+                SyncError::State(e) => {
+                    Outcome::worker(format!("syncing the state from rank {source}: {e}"))
+                }
+            })?;
     }
     if trainer.step != a.resume_step {
         return Err(Outcome::worker(format!(

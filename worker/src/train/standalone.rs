@@ -136,17 +136,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // Every rank starts from rank 0's state (fresh or resumed): same weights, optimiser,
         // centre and step, whatever each process initialised on its own.
         let scratch = out.join(format!(".state-rank-{rank}.safetensors"));
-        if leader {
-            trainer.save_checkpoint(&scratch)?;
-        }
-        dist.broadcast_file(&scratch, 0)
-            .with_context(|| format!("broadcasting {} from rank 0", scratch.display()))?;
-        if !leader {
-            trainer
-                .load_checkpoint(&scratch)
-                .context("loading the state broadcast by rank 0")?;
-        }
-        std::fs::remove_file(&scratch)?;
+        dist.sync_state(&mut trainer, &scratch, 0)
+            .context("starting from rank 0's state")?;
     }
     let reducer = tensor_reducer(&dist, trainer.device, &[])?;
     let probe_ids = usage_ids(n, cfg.eval.usage_images as usize);
