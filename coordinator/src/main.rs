@@ -62,6 +62,14 @@ struct Args {
     /// Members report a replica hash every this many steps (0: never).
     #[arg(long, env = "PROTODINO_HASH_EVERY_STEPS", default_value_t = 10)]
     hash_every_steps: i64,
+    /// Idle workers join running groups below their max_world_size, but not within this long of
+    /// the job's last failure.
+    #[arg(long, env = "PROTODINO_JOIN_COOLDOWN_MS", default_value_t = 30000)]
+    join_cooldown_ms: u64,
+    /// A member of a group that is stopping (its peers reported it broken) that stays silent
+    /// this long is lost, without waiting for the heartbeat timeout.
+    #[arg(long, env = "PROTODINO_STOP_GRACE_MS", default_value_t = 2000)]
+    stop_grace_ms: u64,
     /// Logs as JSON lines.
     #[arg(long, env = "PROTODINO_LOG_JSON")]
     log_json: bool,
@@ -121,6 +129,13 @@ async fn main() -> Result<()> {
         args.heartbeat_interval_ms
     );
     anyhow::ensure!(
+        args.stop_grace_ms > args.heartbeat_interval_ms,
+        "--stop-grace-ms ({}) must exceed --heartbeat-interval-ms ({}): live members would be \
+         taken for lost",
+        args.stop_grace_ms,
+        args.heartbeat_interval_ms
+    );
+    anyhow::ensure!(
         args.hash_every_steps >= 0,
         "--hash-every-steps must not be negative"
     );
@@ -147,6 +162,8 @@ async fn main() -> Result<()> {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
         hash_every_steps: args.hash_every_steps,
+        join_cooldown: Duration::from_millis(args.join_cooldown_ms),
+        stop_grace: Duration::from_millis(args.stop_grace_ms),
     };
     serve(cfg, listener, metrics, shutdown_signal()).await
 }

@@ -6,7 +6,10 @@
 //! - `protodino_committed_steps_total`, `protodino_replica_mismatches_total`: sums over every
 //!   job's durable figures, so they never go down, a restart included;
 //! - `protodino_job_membership_epoch{job_id}`, `protodino_job_world_size{job_id}` for jobs that
-//!   are not final (the label is `job_id`: Prometheus renames a `job` label on scrape).
+//!   are not final (the label is `job_id`: Prometheus renames a `job` label on scrape);
+//! - `protodino_recoveries_total{reason}` (regroups of started jobs: `peer_lost`,
+//!   `worker_failed`, `heartbeat_expired`, `left`, `replica_mismatch`, `joined`) and the
+//!   histogram `protodino_recovery_seconds` (detection to the new group's first commit).
 
 use std::sync::Arc;
 
@@ -32,6 +35,11 @@ struct StateLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabel {
     version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +117,25 @@ pub fn render(snap: &Snapshot) -> Result<String, std::fmt::Error> {
         world,
     );
 
+    let recoveries = Family::<ReasonLabel, Counter<u64>>::default();
+    for (reason, n) in &snap.recoveries.by_reason {
+        recoveries
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc_by(*n);
+    }
+    registry.register(
+        "protodino_recoveries",
+        "Regroups of started jobs by reason (joins included)",
+        recoveries,
+    );
+    registry.register(
+        "protodino_recovery_seconds",
+        "Seconds from detecting a failure (or a join) to the new group's first committed step",
+        snap.recoveries.seconds.clone(),
+    );
+
     let mut body = String::new();
     prometheus_client::encoding::text::encode(&mut body, &registry)?;
     Ok(body)
@@ -141,13 +168,16 @@ mod tests {
 
     #[test]
     fn names_and_labels() {
-        let snap = Snapshot {
+        let mut snap = Snapshot {
             jobs_by_state: vec![(JobState::Running, 1), (JobState::Queued, 0)],
             workers_by_state: vec![("idle", 2), ("training", 2)],
             committed_steps: 7,
             replica_mismatches: 1,
             active: vec![("job-1".into(), 3, 2)],
+            recoveries: Default::default(),
         };
+        snap.recoveries.count("peer_lost");
+        snap.recoveries.seconds.observe(1.5);
         let body = render(&snap).unwrap();
         for line in [
             "protodino_jobs{state=\"running\"} 1",
@@ -156,6 +186,10 @@ mod tests {
             "protodino_replica_mismatches_total 1",
             "protodino_job_membership_epoch{job_id=\"job-1\"} 3",
             "protodino_job_world_size{job_id=\"job-1\"} 2",
+            "protodino_recoveries_total{reason=\"peer_lost\"} 1",
+            "protodino_recoveries_total{reason=\"joined\"} 0",
+            "protodino_recovery_seconds_count 1",
+            "protodino_recovery_seconds_bucket{le=\"2.0\"} 1",
         ] {
             assert!(body.contains(line), "{line} missing in\n{body}");
         }

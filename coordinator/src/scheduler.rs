@@ -144,6 +144,26 @@ impl Scheduler {
         for n in &ch.notes {
             tracing::info!(subject = %n.subject, "{}", n.text);
         }
+        for (job_id, r) in &ch.recovered {
+            tracing::info!(
+                job_id = %job_id,
+                reason = %r.reason,
+                epoch_before = r.epoch_before,
+                epoch_after = r.epoch_after,
+                members_before = %r.members_before.join(","),
+                members_after = %r.members_after.join(","),
+                resumed_from = %r.resumed_from,
+                resume_step = r.resume_step,
+                steps_redone = r.steps_redone,
+                seconds = r.seconds,
+                "recovered: {} ({} → {} members) in {:.2} s, {} step(s) redone",
+                r.reason,
+                r.members_before.len(),
+                r.members_after.len(),
+                r.seconds,
+                r.steps_redone
+            );
+        }
         if !ch.is_durable() {
             return Ok(());
         }
@@ -155,6 +175,13 @@ impl Scheduler {
         for id in &ch.jobs {
             if let Some(record) = core.record_mut(id) {
                 record.updated_at = Some(stamp);
+                for r in record
+                    .recoveries
+                    .iter_mut()
+                    .filter(|r| r.detected_at.is_none())
+                {
+                    r.detected_at = Some(stamp);
+                }
                 batch.jobs.push(record.clone());
             }
         }

@@ -35,6 +35,8 @@ pub struct ServerConfig {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub hash_every_steps: i64,
+    pub join_cooldown: Duration,
+    pub stop_grace: Duration,
 }
 
 /// Serve gRPC on `listener` and `/metrics` on `metrics_listener` until `shutdown` resolves
@@ -56,6 +58,8 @@ pub async fn serve(
         CoreConfig {
             heartbeat_timeout: cfg.heartbeat_timeout,
             hash_every_steps: cfg.hash_every_steps,
+            join_cooldown: cfg.join_cooldown,
+            stop_grace: cfg.stop_grace,
         },
     )
     .await?;

@@ -14,7 +14,8 @@ in `data.num_threads` DataLoader worker processes; `train.threads` torch threads
 and teacher ViT and head of scripts/gpu/step_torch.py at the configuration's sizes; DINO loss,
 KoLeo-proto, per-parameter clipping, last-layer freezing in the first `freeze_last_layer`
 epochs, AdamW (torch's default foreach implementation) with cosine lr / weight-decay
-schedules, EMA with the cosine momentum schedule, centre update. fp32, CPU.
+schedules, EMA with the cosine momentum schedule, centre update. fp32, CPU. The model and the step
+are `DinoLoop`, shared with the recovery benchmark's elastic loop (scripts/bench/recovery_torch.py).
 
 Throughput is images / seconds from the first `next()` on the DataLoader (workers start there)
 to the end of the last step, the same span `protodino train` reports as `train_seconds`.
@@ -67,6 +68,116 @@ class FashionMnist(Dataset):
         return self.transform(img)
 
 
+
+class DinoLoop:
+    """The recipe of a merged configuration: the student and teacher ViT and head of
+    scripts/gpu/step_torch.py, DINO loss, KoLeo-proto, AdamW and the cosine schedules over
+    `train.epochs` epochs of `per_epoch` steps, the learning rate scaled by `batch / 256` (`batch`:
+    the samples of one step over the whole group), and one training step ([`DinoLoop.step`]).
+    Built from the torch generator's current state (seed it first)."""
+
+    def __init__(self, cfg, per_epoch, batch):
+        m, h, c, o, t, lo = (cfg[k] for k in ("model", "head", "crops", "optim", "train", "loss"))
+        dim, heads = ref.ARCHS[m["arch"]]
+        depth = m["depth"] or 12
+        epochs = t["epochs"]
+
+        def vit(drop):
+            return ref.VisionTransformer(patch_size=m["patch_size"], img_size=m["img_size"], embed_dim=dim,
+                                         depth=depth, num_heads=heads, drop_path_rate=drop)
+
+        def head():
+            return ref.DINOHead(dim, h["out_dim"], hidden_dim=h["hidden_dim"],
+                                bottleneck_dim=h["bottleneck_dim"], norm_last_layer=h["norm_last_layer"])
+
+        self.student = student = ref.MultiCropWrapper(vit(m["drop_path_rate"]), head())
+        self.teacher = teacher = ref.MultiCropWrapper(vit(0.0), head())
+        teacher.load_state_dict(student.state_dict())
+        for p in teacher.parameters():
+            p.requires_grad = False
+        ncrops = 2 + c["local_crops_number"]
+        self.dino_loss = ref.DINOLoss(h["out_dim"], ncrops, student_temp=lo["student_temp"],
+                                      center_momentum=lo["center_momentum"])
+        self.optimizer = torch.optim.AdamW(ref.params_groups(student),
+                                           betas=(o["adam_beta1"], o["adam_beta2"]), eps=o["adam_eps"])
+        self.trainable = [p for p in student.parameters() if p.requires_grad]
+        self.last_layer = [p for n, p in student.named_parameters() if "weight_v" in n or "weight_g" in n]
+        self.s_params, self.t_params = list(student.parameters()), list(teacher.parameters())
+
+        self.lr_s = cosine_scheduler(o["lr"] * batch / 256.0, o["min_lr"], epochs, per_epoch, o["warmup_epochs"])
+        self.wd_s = cosine_scheduler(o["weight_decay"], o["weight_decay_end"], epochs, per_epoch)
+        self.mom_s = cosine_scheduler(o["momentum_teacher"], 1.0, epochs, per_epoch)
+        self.temp_s = teacher_temp_schedule(lo["warmup_teacher_temp"], lo["teacher_temp"],
+                                            lo["warmup_teacher_temp_epochs"], epochs)
+        self.cfg, self.per_epoch = cfg, per_epoch
+
+    def step(self, it, images, world=1):
+        """Step `it` on this process's share `images` of the batch; returns its loss. With
+        `world > 1` (a `torch.distributed` group of that size), the gradients are averaged over
+        the group before clipping and the centre statistics summed over it, as official DINO's
+        DDP and `update_center` do."""
+        cfg, o = self.cfg, self.cfg["optim"]
+        optimizer, teacher, student, dino_loss = self.optimizer, self.teacher, self.student, self.dino_loss
+        koleo = cfg["koleo"]["weight"]
+        epoch = it // self.per_epoch
+        for i, pg in enumerate(optimizer.param_groups):
+            pg["lr"] = self.lr_s[it]
+            if i == 0:
+                pg["weight_decay"] = self.wd_s[it]
+        with torch.no_grad():
+            teacher_output = teacher(images[:2])
+        student_output = student(images)
+        loss = dino_loss(student_output, teacher_output, float(self.temp_s[epoch]))
+        if koleo != 0:
+            kp, _ = ref.koleo_proto(student.head.prototypes(), eps=cfg["koleo"]["eps"],
+                                    block_rows=cfg["koleo"]["block_rows"])
+            loss = loss + koleo * kp
+        value = loss.item()
+        if not math.isfinite(value):
+            raise SystemExit(f"loss is {value}")
+        optimizer.zero_grad()
+        loss.backward()
+        if world > 1:
+            grads = [p.grad for p in self.trainable if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat.div_(world)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        if o["clip_grad"] > 0:
+            ref.clip_gradients(self.trainable, o["clip_grad"])
+        if epoch < o["freeze_last_layer"]:
+            for p in self.last_layer:
+                p.grad = None
+        optimizer.step()
+        with torch.no_grad():
+            mom = self.mom_s[it]
+            for q, k in zip(self.s_params, self.t_params):
+                k.data.mul_(mom).add_((1 - mom) * q.detach().data)
+        if world > 1:
+            with torch.no_grad():
+                total = torch.sum(teacher_output.float(), dim=0, keepdim=True)
+                torch.distributed.all_reduce(total)
+                batch_center = total / (len(teacher_output) * world)
+                dino_loss.center = (dino_loss.center * dino_loss.center_momentum
+                                    + batch_center * (1 - dino_loss.center_momentum))
+        else:
+            dino_loss.update_center(teacher_output)
+        return value
+
+    def state_dict(self):
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "loss": self.dino_loss.state_dict()}
+
+    def load_state_dict(self, state):
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.dino_loss.load_state_dict(state["loss"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", action="append", required=True, type=Path)
@@ -74,9 +185,8 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     a = ap.parse_args()
     cfg = merged(a.config)
-    m, h, c, o, t, lo, d = (cfg[k] for k in ("model", "head", "crops", "optim", "train", "loss", "data"))
+    m, h, c, t, d = (cfg[k] for k in ("model", "head", "crops", "train", "data"))
     assert m["arch"].startswith("vit"), "the reference loop implements the ViTs"
-    dim, heads = ref.ARCHS[m["arch"]]
     depth = m["depth"] or 12
     threads = t["threads"] or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -90,68 +200,8 @@ def main():
                         num_workers=d["num_threads"], persistent_workers=d["num_threads"] > 0,
                         prefetch_factor=d["prefetch_batches"] if d["num_threads"] > 0 else None)
     per_epoch = len(loader)
-    epochs = t["epochs"]
-
-    def vit(drop):
-        return ref.VisionTransformer(patch_size=m["patch_size"], img_size=m["img_size"], embed_dim=dim,
-                                     depth=depth, num_heads=heads, drop_path_rate=drop)
-
-    def head():
-        return ref.DINOHead(dim, h["out_dim"], hidden_dim=h["hidden_dim"],
-                            bottleneck_dim=h["bottleneck_dim"], norm_last_layer=h["norm_last_layer"])
-
-    student = ref.MultiCropWrapper(vit(m["drop_path_rate"]), head())
-    teacher = ref.MultiCropWrapper(vit(0.0), head())
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
-    ncrops = 2 + c["local_crops_number"]
-    dino_loss = ref.DINOLoss(h["out_dim"], ncrops, student_temp=lo["student_temp"],
-                             center_momentum=lo["center_momentum"])
-    optimizer = torch.optim.AdamW(ref.params_groups(student), betas=(o["adam_beta1"], o["adam_beta2"]),
-                                  eps=o["adam_eps"])
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    last_layer = [p for n, p in student.named_parameters() if "weight_v" in n or "weight_g" in n]
-    s_params, t_params = list(student.parameters()), list(teacher.parameters())
-
-    lr_s = cosine_scheduler(o["lr"] * batch / 256.0, o["min_lr"], epochs, per_epoch, o["warmup_epochs"])
-    wd_s = cosine_scheduler(o["weight_decay"], o["weight_decay_end"], epochs, per_epoch)
-    mom_s = cosine_scheduler(o["momentum_teacher"], 1.0, epochs, per_epoch)
-    temp_s = teacher_temp_schedule(lo["warmup_teacher_temp"], lo["teacher_temp"],
-                                   lo["warmup_teacher_temp_epochs"], epochs)
+    loop = DinoLoop(cfg, per_epoch, batch)
     koleo = cfg["koleo"]["weight"]
-
-    def step(it, images):
-        epoch = it // per_epoch
-        for i, pg in enumerate(optimizer.param_groups):
-            pg["lr"] = lr_s[it]
-            if i == 0:
-                pg["weight_decay"] = wd_s[it]
-        with torch.no_grad():
-            teacher_output = teacher(images[:2])
-        student_output = student(images)
-        loss = dino_loss(student_output, teacher_output, float(temp_s[epoch]))
-        if koleo != 0:
-            kp, _ = ref.koleo_proto(student.head.prototypes(), eps=cfg["koleo"]["eps"],
-                                    block_rows=cfg["koleo"]["block_rows"])
-            loss = loss + koleo * kp
-        value = loss.item()
-        if not math.isfinite(value):
-            raise SystemExit(f"loss is {value}")
-        optimizer.zero_grad()
-        loss.backward()
-        if o["clip_grad"] > 0:
-            ref.clip_gradients(trainable, o["clip_grad"])
-        if epoch < o["freeze_last_layer"]:
-            for p in last_layer:
-                p.grad = None
-        optimizer.step()
-        with torch.no_grad():
-            mom = mom_s[it]
-            for q, k in zip(s_params, t_params):
-                k.data.mul_(mom).add_((1 - mom) * q.detach().data)
-        dino_loss.update_center(teacher_output)
-        return value
 
     print(f"pytorch loop: {len(ds)} images, {per_epoch} steps/epoch, {a.steps} steps, "
           f"{m['arch']}/{m['patch_size']} depth {depth}, K = {h['out_dim']}, lambda = {koleo}, "
@@ -160,7 +210,7 @@ def main():
     seen, it, value = 0, 0, float("nan")
     while it < a.steps:
         for images in loader:
-            value = step(it, images)
+            value = loop.step(it, images)
             seen += images[0].shape[0]
             it += 1
             if it % 10 == 0:

@@ -156,13 +156,27 @@ pub struct Worker {
     pub name: String,
     pub collective_addr: String,
     pub metrics_addr: String,
+    /// Its stderr (`<dir>/<name>.log`).
+    pub log: PathBuf,
 }
 
 impl Worker {
     /// `protodino worker` against `coordinator_url`, one libtorch thread.
     pub fn start(roots: &Roots, coordinator_url: &str, name: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(roots, coordinator_url, name, env, &[])
+    }
+
+    /// [`Worker::start`] with extra flags (e.g. `--collective-timeout-ms`).
+    pub fn start_with(
+        roots: &Roots,
+        coordinator_url: &str,
+        name: &str,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(binary("protodino-worker", "protodino"));
         cmd.args(["worker", "--coordinator", coordinator_url, "--name", name])
+            .args(extra)
             .args(["--threads", "1", "--collective-listen", "127.0.0.1:0"])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--data-root")
@@ -186,11 +200,55 @@ impl Worker {
             name: name.into(),
             collective_addr: words[3].clone(),
             metrics_addr: words[5].clone(),
+            log: roots.dir.join(format!("{name}.log")),
         }
     }
 
     pub fn metrics(&self) -> String {
         http_get(&self.metrics_addr, "/metrics")
+    }
+
+    /// The id the coordinator gave this worker at its latest registration (from its log),
+    /// waiting up to a minute for the first one.
+    pub fn worker_id(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(id) = text
+                .lines()
+                .filter_map(|l| l.split("registered as ").nth(1))
+                .next_back()
+            {
+                return id
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never registered:\n{text}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGSTOP`) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.child.id());
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -437,6 +495,28 @@ pub fn worst_relative(
             .fold(0.0f64, |m, (p, q)| m.max((p - q).abs() as f64));
         if d / scale > worst.0 {
             worst = (d / scale, name.clone());
+        }
+    }
+    worst
+}
+
+/// Worst per-tensor relative difference in norm, `‖a − b‖₂ / (‖a‖₂ + 1e-12)`.
+pub fn worst_relative_l2(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+) -> (f64, String) {
+    let mut worst = (0.0f64, String::new());
+    for (name, x) in a {
+        let y = &b[name];
+        assert_eq!(x.len(), y.len(), "{name}");
+        let (mut d, mut n) = (0.0f64, 0.0f64);
+        for (p, q) in x.iter().zip(y) {
+            d += ((p - q) as f64).powi(2);
+            n += (*p as f64).powi(2);
+        }
+        let r = d.sqrt() / (n.sqrt() + 1e-12);
+        if r > worst.0 {
+            worst = (r, name.clone());
         }
     }
     worst

@@ -1,8 +1,10 @@
 //! Shared support for the end-to-end scenarios under `tests/tests/`: locating the workspace's
 //! binaries (built by cargo for this profile) and running them as real processes; [`cluster`]
-//! runs the training service (coordinator + workers) for the service scenarios.
+//! runs the training service (coordinator + workers) for the service scenarios, [`scenario`]
+//! holds their shared recipe and the undisturbed single-process reference.
 
 pub mod cluster;
+pub mod scenario;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -16,58 +16,9 @@ use protodino_tests::cluster::{
     Coordinator, Roots, Worker, audit_exactly_once, get, job_dir, load_f32, read_jsonl, spec,
     state, submit, wait_for, worst_relative,
 };
-use protodino_tests::{protodino, repo_root};
-
-/// Tiny and deterministic: 160 images, global batch 16 → 10 steps per epoch; no stochastic
-/// depth; one thread per worker.
-const BASE: &str = r#"
-[model]
-drop_path_rate = 0.0
-[head]
-out_dim = 256
-hidden_dim = 128
-[data]
-limit = 160
-[eval]
-analysis_every_steps = 5
-usage_images = 64
-knn_train_images = 200
-knn_test_images = 100
-[train]
-epochs = 2
-threads = 1
-checkpoint_every_steps = 10
-log_every_steps = 1
-"#;
-
-const MINUTES: Duration = Duration::from_secs(60);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn is_state(s: JobState) -> impl Fn(&protodino_proto::v1::Job) -> bool {
-    move |j| state(j) == s
-}
-
-/// Drops the key third of every `attn.qkv.bias` (parameter, teacher copy, optimiser moments).
-/// Softmax attention is invariant to the key bias, so its exact gradient is zero and what it
-/// holds is summation noise that Adam normalises up to the size of a step: it differs between
-/// any two summation orders (two static-peer ranks against one process too), not only here.
-fn without_key_bias(
-    mut t: std::collections::BTreeMap<String, Vec<f32>>,
-) -> std::collections::BTreeMap<String, Vec<f32>> {
-    for (name, v) in t.iter_mut() {
-        if name.ends_with("attn.qkv.bias") {
-            let d = v.len() / 3;
-            v.drain(d..2 * d);
-        }
-    }
-    t
-}
+use protodino_tests::scenario::{
+    BASE, MINUTES, is_state, runtime, single_process, without_key_bias,
+};
 
 /// `worker-a` and `worker-b`, plain.
 fn two_workers(roots: &Roots, coordinator: &Coordinator) -> [Worker; 2] {
@@ -129,26 +80,7 @@ fn two_workers_train_a_job_equal_to_one_process_and_use_each_sample_once() {
         }
 
         // The same recipe in one process with the global batch.
-        let cfg = dir.path().join("single.toml");
-        std::fs::write(&cfg, format!("{BASE}batch_size_per_worker = 16\n")).unwrap();
-        let out = dir.path().join("single");
-        let demo = repo_root().join("configs/cpu-demo.toml");
-        protodino(
-            dir.path(),
-            &[
-                "train",
-                "--config",
-                demo.to_str().unwrap(),
-                "--config",
-                cfg.to_str().unwrap(),
-                "--output-dir",
-                out.to_str().unwrap(),
-                "--max-steps",
-                "20",
-                "--json",
-            ],
-        );
-        let single = without_key_bias(load_f32(&out.join("checkpoint-00000020.safetensors")));
+        let single = single_process(dir.path(), "", 16, 20);
         let service = without_key_bias(load_f32(&jdir.join("checkpoint-00000020.safetensors")));
         let (worst, name) = worst_relative(&single, &service);
         eprintln!("worst relative parameter difference after 20 steps: {worst:.3e} ({name})");

@@ -459,7 +459,7 @@ fn malformed_specs_are_invalid_argument_naming_the_field() {
             JobSpec {
                 min_world_size: Some(3),
                 max_world_size: Some(3),
-                global_batch_size: Some(32),
+                global_batch_size: Some(2),
                 ..base()
             },
         ),

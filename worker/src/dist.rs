@@ -237,18 +237,22 @@ impl Dist {
         self.patiently(RingGroup::barrier)
     }
 
-    /// Averages `values` over the ranks (the logged losses of the global batch) and counts the
-    /// stop vote: returns true when any rank voted `stop`. The vote rides in the same all-reduce
-    /// as one more value (1 for stop), so every rank learns the same answer after the same step.
-    pub fn mean_and_vote(&self, values: &mut [f64], stop: bool) -> Result<bool, CollectiveError> {
+    /// The group's mean of `values` (the logged losses of the global batch), each rank's
+    /// weighted by its `share` of the step's samples (the weights sum to one), and the stop
+    /// vote: returns true when any rank voted `stop`. The vote rides in the same all-reduce as
+    /// one more value (1 for stop), so every rank learns the same answer after the same step.
+    pub fn mean_and_vote(
+        &self,
+        values: &mut [f64],
+        share: f64,
+        stop: bool,
+    ) -> Result<bool, CollectiveError> {
         if self.world == 1 {
             return Ok(stop);
         }
-        let mut v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+        let mut v: Vec<f32> = values.iter().map(|&x| (x * share) as f32).collect();
         v.push(if stop { 1.0 } else { 0.0 });
-        self.group
-            .borrow_mut()
-            .all_reduce(&mut v, ReduceOp::Average)?;
+        self.group.borrow_mut().all_reduce(&mut v, ReduceOp::Sum)?;
         let vote = v.pop().unwrap_or(0.0);
         for (x, y) in values.iter_mut().zip(v) {
             *x = y as f64;

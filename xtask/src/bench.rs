@@ -8,6 +8,7 @@
 //! | end to end | `protodino train` | `scripts/bench/train_torch.py` (DataLoader + eager loop) |
 //! | all-reduce | `protodino-collectives-bench` (shared memory and TCP ring) | `bench_gloo.py` (torch.distributed gloo) |
 //! | service | a job through a local coordinator + agents (`service.rs`) | `protodino train`, alone or as static-peer ranks |
+//! | recovery | a 3-agent job losing one agent to SIGKILL (`recovery.rs`) | `torchrun` elastic with checkpoint-and-restart (`scripts/bench/recovery_torch.py`) |
 //!
 //! Memory: every command runs as a child whose process tree (the DataLoader's worker processes
 //! included) is sampled every 200 ms; the figure is the peak of the summed PSS (proportional set
@@ -34,9 +35,10 @@ pub struct BenchArgs {
     pub out: Option<PathBuf>,
 }
 
+mod recovery;
 mod service;
 
-const SECTIONS: &[&str] = &["step", "data", "e2e", "allreduce", "service"];
+const SECTIONS: &[&str] = &["step", "data", "e2e", "allreduce", "service", "recovery"];
 
 /// What one measured child did.
 struct Measured {
@@ -421,12 +423,14 @@ fn allreduce(ctx: &Ctx, pairs: &mut Vec<Pair>) -> Result<Vec<Value>> {
     Ok(rows)
 }
 
-fn goal(section: &str) -> Option<f64> {
+fn goal(section: &str) -> Option<&'static str> {
     match section {
-        "step" => Some(1.0),
-        "data" => Some(3.0),
-        "end to end" => Some(1.15),
-        "all-reduce" => Some(1.2),
+        "step" => Some("≥ 1×"),
+        "data" => Some("≥ 3×"),
+        "end to end" => Some("≥ 1.15×"),
+        "all-reduce" => Some("≥ 1.2×"),
+        "recovery" => Some("≤ 0.1×, ≤ 5 s"),
+        "recovery (steps lost)" => Some("protodino 0"),
         _ => None,
     }
 }
@@ -436,15 +440,20 @@ fn markdown(pairs: &[Pair], allreduce_rows: &[Value], header: &str) -> String {
     s.push_str("| row | what | unit | protodino | reference | ratio | goal |\n");
     s.push_str("|---|---|---|---:|---:|---:|---:|\n");
     for p in pairs {
+        let ratio = p.ratio();
         s.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.2}× | {} |\n",
+            "| {} | {} | {} | {:.2} | {:.2} | {} | {} |\n",
             p.section,
             p.what,
             p.unit,
             p.ours,
             p.theirs,
-            p.ratio(),
-            goal(p.section).map_or("—".into(), |g| format!("≥ {g}×"))
+            if ratio.is_finite() {
+                format!("{ratio:.2}×")
+            } else {
+                "—".into()
+            },
+            goal(p.section).unwrap_or("—")
         ));
     }
     s.push_str("\nMemory: peak of the process tree's summed PSS (RSS in brackets), MiB; ratio = protodino / reference, goal ≤ 1.0×.\n\n");
@@ -508,7 +517,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     libtorch::ensure()?;
     data::ensure()?;
     // The service rows compare protodino with itself; every other section needs PyTorch.
-    let python = if ["step", "data", "e2e", "allreduce"].iter().any(|s| want(s)) {
+    let python = if ["step", "data", "e2e", "allreduce", "recovery"]
+        .iter()
+        .any(|s| want(s))
+    {
         pyref::ensure()?
     } else {
         PathBuf::new()
@@ -557,6 +569,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if want("service") {
         service::service(&ctx, &mut pairs)?;
     }
+    let (mut recovery_runs, mut recovery_note) = (Value::Null, String::new());
+    if want("recovery") {
+        (recovery_runs, recovery_note) = recovery::recovery(&ctx, &mut pairs)?;
+    }
     let header = format!(
         "protodino vs PyTorch 2.11.0 / torchvision 0.26 (ratio = protodino / reference), {} CPU cores, {}, bench wall time {:.0} s{}",
         std::thread::available_parallelism().map_or(0, usize::from),
@@ -564,7 +580,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         started.elapsed().as_secs_f64(),
         if args.quick { ", --quick" } else { "" }
     );
-    let md = markdown(&pairs, &rows, &header);
+    let mut md = markdown(&pairs, &rows, &header);
+    md.push_str(&recovery_note);
     println!("\n{md}");
     let out = args
         .out
@@ -577,6 +594,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             "header": header,
             "pairs": pairs.iter().map(Pair::to_json).collect::<Vec<_>>(),
             "allreduce": rows,
+            "recovery": recovery_runs,
         }))?,
     )?;
     eprintln!("bench: wrote {}", out.join("bench.md").display());

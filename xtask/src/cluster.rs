@@ -14,9 +14,16 @@ use anyhow::{Context, Result, ensure};
 use crate::{cargo, repo_root, run, target_dir};
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when the demo ends, however it ends.
-struct Guard {
+pub(crate) struct Guard {
     name: String,
     child: Child,
+}
+
+impl Guard {
+    /// The child's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Guard {
@@ -36,7 +43,7 @@ impl Drop for Guard {
     }
 }
 
-fn secret_file(path: &Path) -> Result<()> {
+pub(crate) fn secret_file(path: &Path) -> Result<()> {
     let mut bytes = [0u8; 24];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     let mut f = std::fs::OpenOptions::new()
@@ -50,7 +57,7 @@ fn secret_file(path: &Path) -> Result<()> {
 }
 
 /// Starts `cmd`, reads its first stdout line (the addresses it bound) and returns its words.
-fn start(name: &str, mut cmd: Command, log: &Path) -> Result<(Guard, Vec<String>)> {
+pub(crate) fn start(name: &str, mut cmd: Command, log: &Path) -> Result<(Guard, Vec<String>)> {
     let log = std::fs::File::create(log)?;
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -209,12 +216,25 @@ impl LocalService {
         global: usize,
         args: &[String],
     ) -> Result<String> {
+        self.submit_elastic(preset, config, world..=world, global, args)
+    }
+
+    /// [`Self::submit_with_preset`] with a range of world sizes: the group may shrink to
+    /// `world.start()` members and grow to `world.end()`.
+    pub fn submit_elastic(
+        &self,
+        preset: &str,
+        config: &str,
+        world: std::ops::RangeInclusive<usize>,
+        global: usize,
+        args: &[String],
+    ) -> Result<String> {
         let mut submit = self.client("submit");
         submit
             .arg(config)
             .args(["--preset", preset])
-            .args(["--min-world", &world.to_string()])
-            .args(["--max-world", &world.to_string()])
+            .args(["--min-world", &world.start().to_string()])
+            .args(["--max-world", &world.end().to_string()])
             .args(["--global-batch", &global.to_string()])
             .args(args);
         let out = submit.output().context("running protodino submit")?;
@@ -224,6 +244,14 @@ impl LocalService {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// Each agent's name (`worker-I`, its `--name`) and process id, in start order.
+    pub fn agent_pids(&self) -> Vec<(String, u32)> {
+        self.agents
+            .iter()
+            .map(|g| (g.name.clone(), g.pid()))
+            .collect()
     }
 
     /// Stops the agents, then the coordinator.

@@ -10,6 +10,7 @@ mod cluster;
 mod data;
 mod elf;
 mod libtorch;
+mod loadgen;
 mod plots;
 mod pyref;
 mod study;
@@ -79,6 +80,10 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Load test of the coordinator: simulated workers (the real WorkerService) register and
+    /// heartbeat every second while jobs are submitted, scheduled and cancelled; p99 latency
+    /// per RPC, lost jobs and the coordinator's memory, in loadgen.md / loadgen.json.
+    Loadgen(loadgen::LoadgenArgs),
     /// Provision the Python reference environment (torch 2.11.0, torchvision) and print its python.
     Pyref,
     /// Print the cache locations and sizes.
@@ -252,6 +257,7 @@ fn main() -> Result<()> {
             println!("{}", dir.display());
         }
         Cmd::Bench { quick, only, out } => bench::bench(bench::BenchArgs { quick, only, out })?,
+        Cmd::Loadgen(args) => loadgen::loadgen(args)?,
         Cmd::Pyref => println!("{}", pyref::ensure()?.display()),
         Cmd::Test { args } => test(args)?,
         Cmd::Demo {

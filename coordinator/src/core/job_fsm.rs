@@ -2,9 +2,9 @@
 //! reason, which becomes the job's `message`.
 //!
 //! `QUEUED → RENDEZVOUS → RUNNING → SUCCEEDED`; `FAILED` and `CANCELLED` from every non-final
-//! state; `RUNNING → RENDEZVOUS` when the group is re-formed (a lost member, a replica-hash
-//! mismatch); `RENDEZVOUS → SUCCEEDED` when a re-formed group only had the final report left.
-//! `RECOVERING` belongs to the fault-tolerance work and is treated like `RENDEZVOUS`. A final
+//! state; `RUNNING → RECOVERING → RUNNING` when a failure re-forms the group (a lost member, a
+//! peer failure, a replica-hash mismatch) and `RUNNING → RENDEZVOUS → RUNNING` when workers join;
+//! `RENDEZVOUS | RECOVERING → SUCCEEDED` when a re-formed group only had the final report left. A final
 //! state never changes again; asking for a transition the design does not have is a broken
 //! invariant (`INTERNAL`), never a client error: handlers check the state first.
 
@@ -46,9 +46,10 @@ pub fn allowed(from: JobState, to: JobState) -> bool {
     use JobState::*;
     match from {
         Queued => matches!(to, Queued | Rendezvous | Failed | Cancelled),
-        Rendezvous | Recovering | Running => {
-            matches!(to, Rendezvous | Running | Succeeded | Failed | Cancelled)
-        }
+        Rendezvous | Recovering | Running => matches!(
+            to,
+            Rendezvous | Recovering | Running | Succeeded | Failed | Cancelled
+        ),
         Succeeded | Failed | Cancelled | Unspecified => false,
     }
 }

@@ -1,15 +1,19 @@
 //! Job-level operations on the core: submitting, cancelling, finishing, and stopping a group.
 //!
 //! Stopping a group and ending a job are the two ways a membership stops:
-//! - [`Core::stop_group`] (a lost member, a peer failure, a replica mismatch): the membership
-//!   is `Stopping`, its members are told `stop` in their next heartbeat or step acknowledgement,
-//!   their remaining reports still commit, and the job waits in `RENDEZVOUS` for the next group;
+//! - [`Core::stop_group`] (a lost member, a peer failure, a replica mismatch, a join): the
+//!   membership is `Stopping`, its members are told `stop` in their next heartbeat or step
+//!   acknowledgement, their remaining reports still commit, and the job waits in `RECOVERING`
+//!   (a failure) or `RENDEZVOUS` (a join, or a group that never started) for the next group;
 //! - [`Core::finish`] (succeeded, failed, cancelled): the job is final, and in the same change
 //!   every member is freed (idle in the pool) and every later call of theirs is answered `stop`.
+
+use std::time::Instant;
 
 use protodino_proto::v1::{Job, JobSpec, JobState, Progress};
 
 use crate::core::ledger::{Ledger, Phase};
+use crate::core::recovery::{self, Regroup};
 use crate::core::{Changes, Core, JobEntry, job_fsm};
 use crate::error::Error;
 
@@ -75,13 +79,8 @@ impl Core {
             ),
         );
         let record = new.record.clone();
-        self.jobs.insert(
-            id.clone(),
-            JobEntry {
-                record: new.record,
-                ledger: new.ledger,
-            },
-        );
+        self.jobs
+            .insert(id.clone(), JobEntry::new(new.record, new.ledger));
         ch.job(&id);
         ch.ledger(&id);
         Ok(record)
@@ -133,14 +132,24 @@ impl Core {
         Ok(())
     }
 
-    /// Stop the live group of `id` (the members are told `stop`); the job goes back to
-    /// `RENDEZVOUS` with `reason` and re-forms once every member has stopped.
-    pub fn stop_group(&mut self, id: &str, reason: &str, ch: &mut Changes) -> Result<(), Error> {
+    /// Stop the live group of `id` (the members are told `stop`) for `kind`; the job waits in
+    /// `RECOVERING` (a failure of a job that had started) or `RENDEZVOUS` with `reason`, and
+    /// re-forms once every member has stopped. The stop opens a [`recovery`] record.
+    pub fn stop_group(
+        &mut self,
+        now: Instant,
+        id: &str,
+        kind: Regroup,
+        reason: &str,
+        ch: &mut Changes,
+    ) -> Result<(), Error> {
         let Some(entry) = self.jobs.get_mut(id) else {
             return Err(Error::Internal(format!(
                 "stopping the group of missing job {id}"
             )));
         };
+        let started = entry.ledger.committed_step > 0
+            || matches!(entry.state(), JobState::Running | JobState::Recovering);
         let Some(m) = entry.ledger.membership.as_mut().filter(|m| m.is_live()) else {
             return Ok(());
         };
@@ -156,25 +165,44 @@ impl Core {
             }
         }
         let epoch = m.epoch;
+        if started {
+            recovery::open(&mut entry.record, kind, reason, epoch, &m.members);
+            self.recoveries.count(kind.name());
+            entry.recovering_since.get_or_insert(now);
+        }
+        if kind.is_failure() {
+            entry.last_failure = Some(now);
+        }
+        let (to, what) = if started && kind.is_failure() {
+            (JobState::Recovering, "recovering")
+        } else {
+            (JobState::Rendezvous, "regrouping")
+        };
         job_fsm::transition(
             &mut entry.record,
-            JobState::Rendezvous,
-            format!("regrouping (epoch {epoch} stops): {reason}"),
+            to,
+            format!("{what} (epoch {epoch} stops): {reason}"),
         )?;
         ch.job(id);
         ch.ledger(id);
-        ch.note(id, format!("stopping epoch {epoch}: {reason}"));
+        ch.note(
+            id,
+            format!("stopping epoch {epoch} ({}): {reason}", kind.name()),
+        );
         Ok(())
     }
 
     /// Member `worker` of `(id, epoch)` is no longer running its session (it went idle, was
     /// lost, or re-registered without it). At the end of training a member other than rank 0
     /// simply leaves (rank 0 still owes the final report); otherwise the group is stopped.
+    #[allow(clippy::too_many_arguments)]
     pub fn member_left(
         &mut self,
+        now: Instant,
         id: &str,
         epoch: i64,
         worker: &str,
+        kind: Regroup,
         reason: &str,
         ch: &mut Changes,
     ) -> Result<(), Error> {
@@ -196,7 +224,7 @@ impl Core {
             ch.note(id, format!("{worker} finished its part of epoch {epoch}"));
             return Ok(());
         }
-        self.stop_group(id, reason, ch)
+        self.stop_group(now, id, kind, reason, ch)
     }
 }
 

@@ -188,6 +188,13 @@ impl Ledger {
         }
     }
 
+    /// Moves the watermark to `step` (never back) and drops the reports it covers.
+    pub fn commit_through(&mut self, step: u64) {
+        self.committed_step = self.committed_step.max(step);
+        let w = self.committed_step;
+        self.pending.retain(|s, _| *s > w);
+    }
+
     pub fn is_complete(&self) -> bool {
         self.committed_step >= self.plan.total_steps
     }

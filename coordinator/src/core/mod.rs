@@ -14,6 +14,7 @@
 //! - [`quorum`]: which idle workers form a group, at which world size, with which source;
 //! - [`assign`]: the `Assignment` each member receives;
 //! - [`job_fsm`]: the job state machine (allowed transitions, each with a reason);
+//! - [`recovery`]: why a group regroups, and the recovery records (cost, seconds);
 //! - `workers.rs`, `reports.rs`, `jobs.rs`, `schedule.rs`: the operations on [`Core`] (register
 //!   and heartbeats; step, checkpoint, failure and result reports; submit and cancel; forming
 //!   groups and ending them).
@@ -23,6 +24,7 @@ pub mod job_fsm;
 pub mod ledger;
 pub mod pool;
 pub mod quorum;
+pub mod recovery;
 
 mod jobs;
 mod reports;
@@ -35,7 +37,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use protodino_proto::v1::{Job, JobSpec, JobState};
+use protodino_proto::v1::{Job, JobSpec, JobState, Recovery};
 
 pub use jobs::NewJob;
 pub use ledger::{Ledger, Membership, Phase, Plan};
@@ -53,18 +55,40 @@ pub type Secrets<'a> = &'a mut dyn FnMut() -> Result<[u8; 32], String>;
 pub struct CoreConfig {
     /// A worker silent this long is `LOST` and leaves its group.
     pub heartbeat_timeout: Duration,
+    /// A member of a stopping group that is still running but silent this long is `LOST`
+    /// (its peers already reported the group broken: waiting for the full heartbeat timeout
+    /// would only delay the recovery; live members beat every heartbeat interval).
+    pub stop_grace: Duration,
     /// Members report a replica hash every this many steps (0: never).
     pub hash_every_steps: i64,
+    /// Idle workers join a running group below `max_world_size` at its next step boundary,
+    /// but not within this long of the job's last failure (a worker that fails as it joins
+    /// cannot stall the job by regrouping it over and over).
+    pub join_cooldown: Duration,
 }
 
-/// One job: its durable record (what users see) and its durable ledger.
+/// One job: its durable record (what users see) and its durable ledger, and two instants
+/// kept in memory only.
 #[derive(Debug, Clone)]
 pub struct JobEntry {
     pub record: Job,
     pub ledger: Ledger,
+    /// When the open recovery was first detected (closed at the next group's first commit).
+    pub recovering_since: Option<Instant>,
+    /// The last failure-driven regroup (joins wait `join_cooldown` after it).
+    pub last_failure: Option<Instant>,
 }
 
 impl JobEntry {
+    pub fn new(record: Job, ledger: Ledger) -> Self {
+        Self {
+            record,
+            ledger,
+            recovering_since: None,
+            last_failure: None,
+        }
+    }
+
     pub fn state(&self) -> JobState {
         job_fsm::state_of(&self.record)
     }
@@ -93,6 +117,8 @@ pub struct Changes {
     /// New idempotency keys (key, job id).
     pub idempotency: Vec<(String, String)>,
     pub notes: Vec<Note>,
+    /// Recoveries that closed (the new group's first commit): logged and counted.
+    pub recovered: Vec<(String, Recovery)>,
 }
 
 impl Changes {
@@ -102,6 +128,10 @@ impl Changes {
 
     pub fn ledger(&mut self, id: &str) {
         self.ledgers.insert(id.to_string());
+    }
+
+    pub fn recovered(&mut self, id: &str, r: Recovery) {
+        self.recovered.push((id.to_string(), r));
     }
 
     pub fn note(&mut self, subject: &str, text: impl Into<String>) {
@@ -118,7 +148,7 @@ impl Changes {
 }
 
 /// Counts for `/metrics`, taken from memory (a scrape never reads the store).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub jobs_by_state: Vec<(JobState, i64)>,
     pub workers_by_state: Vec<(&'static str, i64)>,
@@ -127,6 +157,7 @@ pub struct Snapshot {
     pub replica_mismatches: u64,
     /// (job id, membership epoch, world size) of each non-final job.
     pub active: Vec<(String, i64, i64)>,
+    pub recoveries: recovery::RecoveryStats,
 }
 
 /// The whole mutable state of the coordinator.
@@ -136,6 +167,7 @@ pub struct Core {
     pool: Pool,
     jobs: BTreeMap<String, JobEntry>,
     idempotency: HashMap<String, String>,
+    recoveries: recovery::RecoveryStats,
 }
 
 impl Core {
@@ -145,6 +177,7 @@ impl Core {
             pool: Pool::default(),
             jobs: BTreeMap::new(),
             idempotency: HashMap::new(),
+            recoveries: recovery::RecoveryStats::default(),
         }
     }
 
@@ -164,13 +197,9 @@ impl Core {
         core.idempotency = idempotency;
         for (record, ledger) in jobs {
             let id = record.job_id.clone();
-            let mut entry = match ledger {
-                Some(ledger) => JobEntry { record, ledger },
-                None => JobEntry {
-                    record,
-                    ledger: Ledger::new(Plan::default(), 1, 1, String::new()),
-                },
-            };
+            let ledger =
+                ledger.unwrap_or_else(|| Ledger::new(Plan::default(), 1, 1, String::new()));
+            let mut entry = JobEntry::new(record, ledger);
             if !entry.is_final() && entry.ledger.plan.total_steps == 0 {
                 let reason = "failed: stored without a data plan by an older coordinator; \
                               submit the job again";
@@ -194,6 +223,9 @@ impl Core {
                         m.members.len()
                     ),
                 );
+            }
+            for r in &entry.record.recoveries {
+                core.recoveries.count(&r.reason);
             }
             core.jobs.insert(id, entry);
         }
@@ -278,6 +310,7 @@ impl Core {
             }
         }
         snap.jobs_by_state = jobs_by_state;
+        snap.recoveries = self.recoveries.clone();
         snap.workers_by_state = self.pool.counts();
         snap
     }

@@ -194,6 +194,25 @@ impl Pool {
         }
     }
 
+    /// Mark `id` lost (it is silent while its group stops); true when it was not lost yet.
+    pub fn lose(&mut self, id: &str) -> bool {
+        match self.workers.get_mut(id) {
+            Some(w) if w.state != WorkerState::Lost => {
+                w.state = WorkerState::Lost;
+                w.replica = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// When `id` was last heard of.
+    pub fn silent_for(&self, id: &str, now: Instant) -> Option<Duration> {
+        self.workers
+            .get(id)
+            .map(|w| now.saturating_duration_since(w.last_seen))
+    }
+
     /// Mark every worker silent for longer than `timeout` as lost; returns each with the state
     /// it had. Forgets workers lost for longer than [`LOST_RETENTION`].
     pub fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<(String, WorkerState)> {
@@ -215,12 +234,18 @@ impl Pool {
 
     /// Workers by state name, every state present (zero included).
     pub fn counts(&self) -> Vec<(&'static str, i64)> {
-        let mut out: Vec<(&'static str, i64)> = ["idle", "assigned", "training", "lost"]
-            .iter()
-            .map(|s| (*s, 0))
-            .collect();
+        let mut out: Vec<(&'static str, i64)> =
+            ["registering", "idle", "assigned", "training", "lost"]
+                .iter()
+                .map(|s| (*s, 0))
+                .collect();
         for w in self.workers.values() {
-            if let Some(slot) = out.iter_mut().find(|(s, _)| *s == w.state.name()) {
+            // Idle but not yet described by a heartbeat: not schedulable yet.
+            let name = match w.state {
+                WorkerState::Idle if !w.described => "registering",
+                _ => w.state.name(),
+            };
+            if let Some(slot) = out.iter_mut().find(|(s, _)| *s == name) {
                 slot.1 += 1;
             }
         }

@@ -17,6 +17,7 @@ use protodino_proto::v1::{
 
 use crate::core::jobs::bounded;
 use crate::core::ledger::{Commit, PendingReport, Recorded};
+use crate::core::recovery::{self, Regroup};
 use crate::core::workers::check_epoch;
 use crate::core::{Changes, Core, JobEntry, Membership, WorkerState, job_fsm};
 use crate::error::Error;
@@ -94,7 +95,7 @@ impl Core {
         if let Recorded::New(commits) = recorded {
             ch.ledger(&id);
             for c in commits {
-                self.apply_commit(&id, c, ch)?;
+                self.apply_commit(now, &id, c, ch)?;
             }
         }
         let entry = self.lookup(&id)?;
@@ -110,7 +111,13 @@ impl Core {
     }
 
     /// A committed step: progress from rank 0's report, the replica-hash check, and success.
-    fn apply_commit(&mut self, id: &str, c: Commit, ch: &mut Changes) -> Result<(), Error> {
+    fn apply_commit(
+        &mut self,
+        now: Instant,
+        id: &str,
+        c: Commit,
+        ch: &mut Changes,
+    ) -> Result<(), Error> {
         let Some(entry) = self.jobs.get_mut(id) else {
             return Err(Error::Internal(format!("commit for the missing job {id}")));
         };
@@ -149,7 +156,7 @@ impl Core {
             replica_mismatches: old.replica_mismatches,
         });
         ch.job(id);
-        if live && entry.state() == JobState::Rendezvous {
+        if live && matches!(entry.state(), JobState::Rendezvous | JobState::Recovering) {
             job_fsm::transition(
                 &mut entry.record,
                 JobState::Running,
@@ -162,6 +169,12 @@ impl Core {
                 id,
                 format!("running: epoch {epoch}, first commit at step {}", c.step),
             );
+            if let Some(since) = entry.recovering_since.take()
+                && let Some(r) = recovery::close(&mut entry.record, since, now)
+            {
+                self.recoveries.seconds.observe(r.seconds);
+                ch.recovered(id, r);
+            }
         } else if live {
             job_fsm::set_message(
                 &mut entry.record,
@@ -182,7 +195,7 @@ impl Core {
                 listed.join(", ")
             );
             ch.note(id, &reason);
-            self.stop_group(id, &reason, ch)?;
+            self.stop_group(now, id, Regroup::ReplicaMismatch, &reason, ch)?;
         }
         self.maybe_succeed(id, ch)
     }
@@ -310,13 +323,13 @@ impl Core {
                 {
                     w.replica = None;
                 }
-                let what = if kind == FailureKind::Worker {
-                    "cannot go on"
+                let (what, regroup) = if kind == FailureKind::Worker {
+                    ("cannot go on", Regroup::WorkerFailed)
                 } else {
-                    "lost a peer"
+                    ("lost a peer", Regroup::PeerLost)
                 };
                 let why = format!("{} {what}: {reason}", f.worker_id);
-                self.stop_group(&f.job_id, &why, ch)
+                self.stop_group(now, &f.job_id, regroup, &why, ch)
             }
         }
     }

@@ -15,6 +15,7 @@ use protodino_proto::v1::JobState;
 use crate::core::ledger::{Membership, Phase};
 use crate::core::pool::Replica;
 use crate::core::quorum::{self, Candidate, Holding};
+use crate::core::recovery::{self, Origin, Regroup};
 use crate::core::{Changes, Core, Secrets, WorkerState, assign, job_fsm};
 use crate::error::Error;
 
@@ -29,15 +30,56 @@ impl Core {
             ch.note(&id, &reason);
             if let Some((job, epoch)) = was.session() {
                 let job = job.to_string();
-                self.member_left(&job, epoch, &id, &reason, ch)?;
+                self.member_left(
+                    now,
+                    &job,
+                    epoch,
+                    &id,
+                    Regroup::HeartbeatExpired,
+                    &reason,
+                    ch,
+                )?;
             }
         }
+        self.expire_silent_stopping_members(now, ch);
         self.schedule(now, secrets, ch)
+    }
+
+    /// Members of stopping groups still running but silent for `stop_grace` are lost.
+    fn expire_silent_stopping_members(&mut self, now: Instant, ch: &mut Changes) {
+        let grace = self.cfg.stop_grace;
+        let mut silent = Vec::new();
+        for e in self.jobs.values() {
+            let Some(m) = &e.ledger.membership else {
+                continue;
+            };
+            if !matches!(m.phase, Phase::Stopping(_)) {
+                continue;
+            }
+            let id = &e.record.job_id;
+            for w in &m.members {
+                let running = self.pool.member_status(w, id, m.epoch)
+                    == crate::core::pool::MemberStatus::Running;
+                if running && self.pool.silent_for(w, now).is_some_and(|s| s > grace) {
+                    silent.push((id.clone(), w.clone()));
+                }
+            }
+        }
+        for (job, w) in silent {
+            if self.pool.lose(&w) {
+                let text = format!(
+                    "worker {w} lost: silent for {} ms while its group of {job} stops",
+                    grace.as_millis()
+                );
+                ch.note(&w, &text);
+                ch.note(&job, text);
+            }
+        }
     }
 
     pub fn schedule(
         &mut self,
-        _now: Instant,
+        now: Instant,
         secrets: Secrets,
         ch: &mut Changes,
     ) -> Result<(), Error> {
@@ -75,6 +117,72 @@ impl Core {
                 self.wait_message(&id, &reason, ch);
                 blocked_by = Some(id);
             }
+        }
+        if blocked_by.is_none() {
+            self.grow(now, ch)?;
+        }
+        Ok(())
+    }
+
+    /// Idle workers no waiting job needs join running groups below their `max_world_size`, in
+    /// submission order: the group is stopped at its next step boundary (`joined`) and re-forms
+    /// with the newcomers, which receive the state. Only a group that has committed a step in
+    /// its epoch grows, and not within `join_cooldown` of the job's last failure. A worker
+    /// holding another unfinished job's replica is kept for that job.
+    fn grow(&mut self, now: Instant, ch: &mut Changes) -> Result<(), Error> {
+        let jobs = &self.jobs;
+        let spare_for = |job: &str| -> Vec<String> {
+            self.pool
+                .idle()
+                .filter(|w| match &w.replica {
+                    None => true,
+                    Some(r) => r.job_id == job || jobs.get(&r.job_id).is_none_or(|e| e.is_final()),
+                })
+                .map(|w| w.id.clone())
+                .collect()
+        };
+        let mut claimed: Vec<String> = Vec::new();
+        let mut grows: Vec<(String, String)> = Vec::new();
+        for entry in self.jobs.values() {
+            let Some(m) = entry.ledger.membership.as_ref().filter(|m| m.is_live()) else {
+                continue;
+            };
+            if entry.state() != JobState::Running
+                || entry
+                    .last_failure
+                    .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.join_cooldown)
+            {
+                continue;
+            }
+            let id = &entry.record.job_id;
+            let cap = quorum::world_size(
+                entry.ledger.min_world_size,
+                entry.ledger.max_world_size,
+                entry.ledger.plan.global_batch,
+                usize::MAX,
+            )
+            .unwrap_or(0);
+            let room = cap.saturating_sub(m.members.len());
+            let joining: Vec<String> = spare_for(id)
+                .into_iter()
+                .filter(|w| !claimed.contains(w))
+                .take(room)
+                .collect();
+            if joining.is_empty() {
+                continue;
+            }
+            let reason = format!(
+                "{} join{} (world {} → {})",
+                joining.join(", "),
+                if joining.len() == 1 { "s" } else { "" },
+                m.members.len(),
+                m.members.len() + joining.len()
+            );
+            claimed.extend(joining);
+            grows.push((id.clone(), reason));
+        }
+        for (id, reason) in grows {
+            self.stop_group(now, &id, Regroup::Joined, &reason, ch)?;
         }
         Ok(())
     }
@@ -161,10 +269,14 @@ impl Core {
         let holding = |r: &Option<Replica>| match r {
             Some(r)
                 if r.job_id == id
-                    && r.committed_step == ledger.committed_step
+                    && r.committed_step >= ledger.committed_step
+                    && r.committed_step <= ledger.plan.total_steps
                     && !r.state_hash.is_empty() =>
             {
-                Holding::Valid(r.state_hash.clone())
+                Holding::Valid {
+                    step: r.committed_step,
+                    hash: r.state_hash.clone(),
+                }
             }
             Some(r)
                 if r.job_id != id && self.jobs.get(&r.job_id).is_some_and(|e| !e.is_final()) =>
@@ -200,10 +312,10 @@ impl Core {
         // the watermark (steps up to the watermark are then redone and acknowledged as already
         // committed), else the seed.
         let watermark = ledger.committed_step;
-        let (resume_step, from_checkpoint, origin) = if q.from_replica {
-            (watermark, false, format!("replica of step {watermark}"))
+        let (resume_step, origin, text) = if let Some(step) = q.source_step {
+            (step, Origin::Replica, format!("replica of step {step}"))
         } else if watermark == 0 {
-            (0, false, "the seed".to_string())
+            (0, Origin::Seed, "the seed".to_string())
         } else {
             match entry
                 .record
@@ -214,7 +326,7 @@ impl Core {
             {
                 Some(c) => (
                     c.step as u64,
-                    true,
+                    Origin::Checkpoint,
                     format!(
                         "no replica of step {watermark} survives: checkpoint of step {}",
                         c.step
@@ -222,11 +334,20 @@ impl Core {
                 ),
                 None => (
                     0,
-                    false,
+                    Origin::Seed,
                     format!("no replica of step {watermark} and no checkpoint: the seed"),
                 ),
             }
         };
+        let from_checkpoint = origin == Origin::Checkpoint;
+        // The highest step any member of the old group reported: what it had computed.
+        let computed = ledger
+            .pending
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(watermark);
         let peers: Vec<String> = q
             .members
             .iter()
@@ -255,8 +376,14 @@ impl Core {
             &secret,
             self.cfg.hash_every_steps,
         );
+        let recovering = entry.state() == JobState::Recovering;
         let reason = format!(
-            "rendezvous: epoch {epoch}, {} workers ({}), from {origin}",
+            "{}: epoch {epoch}, {} workers ({}), from {text}",
+            if recovering {
+                "recovering"
+            } else {
+                "rendezvous"
+            },
             m.members.len(),
             m.members.join(", ")
         );
@@ -272,7 +399,37 @@ impl Core {
         let Some(entry) = self.jobs.get_mut(id) else {
             return Ok(Err(format!("job {id} vanished")));
         };
-        job_fsm::transition(&mut entry.record, JobState::Rendezvous, &reason)?;
+        if resume_step > watermark {
+            // The source completed these steps with every member of its group (each took part
+            // in the step's gradient all-reduce), but not every report arrived: they are done.
+            entry.ledger.commit_through(resume_step);
+            if let Some(p) = entry.record.progress.as_mut() {
+                p.step = resume_step as i64;
+                p.epoch = entry.ledger.plan.epoch_after(resume_step) as i64;
+                p.committed_samples = (resume_step * entry.ledger.plan.global_batch) as i64;
+            }
+            ch.note(
+                id,
+                format!(
+                    "steps {}..={resume_step} committed: the surviving replicas completed them",
+                    watermark + 1
+                ),
+            );
+        }
+        let to = if recovering {
+            JobState::Recovering
+        } else {
+            JobState::Rendezvous
+        };
+        job_fsm::transition(&mut entry.record, to, &reason)?;
+        recovery::complete_formation(
+            &mut entry.record,
+            epoch,
+            &m.members,
+            origin,
+            resume_step,
+            computed,
+        );
         entry.record.workers = m.members.clone();
         let progress = entry.record.progress.get_or_insert_with(Default::default);
         progress.membership_epoch = epoch;

@@ -18,6 +18,7 @@ use protodino_proto::v1::{Capabilities, HeartbeatRequest, HeartbeatResponse, Wor
 
 use crate::core::jobs::bounded;
 use crate::core::pool::{Replica, Worker};
+use crate::core::recovery::Regroup;
 use crate::core::{Changes, Core, Secrets, WorkerState};
 use crate::error::Error;
 
@@ -149,7 +150,7 @@ impl Core {
             );
             if let Some((job, epoch)) = abandoned {
                 let reason = format!("{id} registered again without its session of epoch {epoch}");
-                self.member_left(&job, epoch, &id, &reason, ch)?;
+                self.member_left(now, &job, epoch, &id, Regroup::Left, &reason, ch)?;
             }
         }
         self.schedule(now, secrets, ch)?;
@@ -251,7 +252,7 @@ impl Core {
                 "{id} left epoch {epoch} (idle at step {})",
                 req.committed_step
             );
-            self.member_left(&job, epoch, id, &reason, ch)?;
+            self.member_left(now, &job, epoch, id, Regroup::Left, &reason, ch)?;
         }
         self.schedule(now, secrets, ch)?;
         if final_replica {

@@ -59,8 +59,8 @@ pub struct ValidJob {
     pub min_world_size: i32,
     pub max_world_size: i32,
     /// Samples per step over the whole group: `spec.global_batch_size`, else
-    /// `batch_size_per_worker × max_world_size`. At least one world size in
-    /// `[min_world_size, max_world_size]` divides it.
+    /// `batch_size_per_worker × max_world_size`; at least `min_world_size`. Any world size
+    /// shares it out (member `r` of `W` takes entries `r, r + W, …`; shares may be uneven).
     pub global_batch: i64,
 }
 
@@ -611,12 +611,12 @@ fn global_batch(spec: &JobSpec, c: &TrainConfig, min: i32, max: i32) -> Result<i
             format!("{what} is outside [1, {MAX_GLOBAL_BATCH}]"),
         ));
     }
-    if !(min..=max).any(|w| g % i64::from(w) == 0) {
+    if g < i64::from(min) {
         return Err(invalid(
             "spec.global_batch_size",
             format!(
-                "{g} is divisible by no world size in [{min}, {max}] \
-                 (min_world_size..max_world_size); groups only form at a size that divides it"
+                "{g} is smaller than min_world_size {min}: every member of a group needs at \
+                 least one sample of each step"
             ),
         ));
     }

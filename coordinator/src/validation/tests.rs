@@ -419,11 +419,11 @@ const BAD: &[Case] = &[
         "spec.global_batch_size",
     ),
     (
-        "global batch divisible by no W in range",
+        "global batch smaller than min_world_size",
         |s| {
-            s.min_world_size = Some(2);
+            s.min_world_size = Some(3);
             s.max_world_size = Some(3);
-            s.global_batch_size = Some(7);
+            s.global_batch_size = Some(2);
         },
         "spec.global_batch_size",
     ),
@@ -683,8 +683,8 @@ fn the_default_global_batch_is_batch_times_max_world_size() {
 }
 
 #[test]
-fn a_global_batch_needs_one_dividing_world_size_only() {
-    // 9 is divisible by 3 (in [2, 4]) though not by 2 or 4.
+fn any_world_size_shares_a_global_batch_of_at_least_min_world_size() {
+    // 9 over 2 or 4 workers gives uneven shares, which the step weights by sample count.
     let job = valid(&JobSpec {
         min_world_size: Some(2),
         max_world_size: Some(4),
@@ -692,7 +692,6 @@ fn a_global_batch_needs_one_dividing_world_size_only() {
         ..demo()
     });
     assert_eq!(job.global_batch, 9);
-    // Any global batch suits a single worker.
     assert_eq!(
         valid(&JobSpec {
             global_batch_size: Some(7),
@@ -705,14 +704,15 @@ fn a_global_batch_needs_one_dividing_world_size_only() {
         &JobSpec {
             min_world_size: Some(4),
             max_world_size: Some(6),
-            global_batch_size: Some(7),
+            global_batch_size: Some(3),
             ..demo()
         },
         &configs(),
         MAX_WORKERS,
     )
     .unwrap_err();
-    assert!(e.message.contains("[4, 6]"), "{e}");
+    assert_eq!(e.field, "spec.global_batch_size");
+    assert!(e.message.contains("min_world_size 4"), "{e}");
 }
 
 #[test]

@@ -5,8 +5,10 @@
 //! pairs, each a mean over the B images. Softmax and log-softmax run in fp32 whatever the dtype of
 //! the logits (bf16 autocast on CUDA).
 //!
-//! The centre `c` ([1, K], zero at start) is *not* touched by [`DinoLoss::loss`]: the step calls
-//! [`DinoLoss::update_center`] after the optimiser step, with the raw teacher logits of both
+//! The centre `c` ([1, K], zero at start) is *not* touched by [`DinoLoss::loss`]: the step sums
+//! [`DinoLoss::center_stats`] over the group together with the gradients and calls
+//! [`DinoLoss::apply_center`] after the optimiser step ([`DinoLoss::update_center`] does both for
+//! a lone caller), with the raw teacher logits of both
 //! global crops, so the loss of a step always uses the centre of the previous steps — exactly as
 //! the official code, where the update happens at the end of the loss call — and a step aborted
 //! for a non-finite loss leaves the centre untouched (it can be replayed). The update goes
@@ -124,24 +126,34 @@ impl DinoLoss {
     /// `c ← m_c·c + (1 − m_c)·c_batch` from the raw teacher logits `[2B, K]` of this worker;
     /// the row sums and the row count are all-reduced with `reducer` first.
     pub fn update_center(&mut self, teacher_output: &Tensor, reducer: &dyn Reducer) -> Result<()> {
+        let mut parts = Self::center_stats(teacher_output)?;
+        reducer.all_reduce_sum(&mut parts)?;
+        let [sum, count] = parts;
+        self.apply_center(&sum, &count);
+        Ok(())
+    }
+
+    /// This worker's part of the centre update: the row sums `[1, K]` (f32) and the row count
+    /// `[1]` of its teacher logits, to be summed over the group.
+    pub fn center_stats(teacher_output: &Tensor) -> Result<[Tensor; 2]> {
         let (rows, _) = dims2(teacher_output, "teacher output")?;
-        let (sum, count) = tch::no_grad(|| {
+        Ok(tch::no_grad(|| {
             let sum = teacher_output
                 .detach()
                 .to_kind(Kind::Float)
                 .sum_dim_intlist(0, true, Kind::Float);
             let count = Tensor::from_slice(&[rows as f32]).to_device(sum.device());
-            (sum, count)
-        });
-        let mut parts = [sum, count];
-        reducer.all_reduce_sum(&mut parts)?;
-        let [sum, count] = parts;
+            [sum, count]
+        }))
+    }
+
+    /// The EMA step of the centre from the group's summed [`Self::center_stats`].
+    pub fn apply_center(&mut self, sum: &Tensor, count: &Tensor) {
         tch::no_grad(|| {
             let batch_center = sum / count.squeeze();
             self.center =
                 &self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum);
         });
-        Ok(())
     }
 }
 

@@ -1,8 +1,9 @@
 //! The collective hook of a training step.
 //!
-//! The step calls a [`Reducer`] twice: to average the gradients over the workers after backward,
-//! and to sum the teacher-logit row sums (and their row counts) for the centre update
-//! (docs/algorithm.md §1.6). The worker implements it with real collectives (TCP ring, NCCL); this
+//! The step calls a [`Reducer`] twice, both times before it updates anything: to sum the
+//! members' sample counts (each weights its loss by its share `n_r / N`, so shares may be
+//! uneven), and after backward to sum the weighted gradients together with the teacher-logit
+//! row sums and row counts of the centre update (docs/algorithm.md §1.6). The worker implements it with real collectives (TCP ring, NCCL); this
 //! crate only ships the trivial world of one, [`LocalReducer`].
 
 use tch::Tensor;

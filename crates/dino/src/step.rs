@@ -96,6 +96,9 @@ impl Batch {
 pub struct StepMetrics {
     #[serde(flatten)]
     pub schedule: ScheduleValues,
+    /// This member's share of the step's samples, `n_r / N` (1 alone): the weight of its
+    /// losses in the group's mean.
+    pub sample_share: f64,
     pub dino_loss: f64,
     /// Mean entropy of the teacher targets; `dino_loss − teacher_entropy` is the mean
     /// KL(teacher ‖ student), the part of the loss the student can lower (the entropy rises
@@ -317,14 +320,35 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             let mut p = p.shallow_clone();
             p.zero_grad();
         }
-        losses.total.backward();
+        // This member's weight n_r / N in the global batch: its loss (a mean over its own n_r
+        // samples) is scaled by it, so the summed gradients are those of the mean over all N
+        // samples whatever the shares (uneven, or fewer after skipped records). λ·L_KP is the
+        // same on every replica; its weights sum to one, so it counts once.
+        let share = self.sample_share(batch, reducer)?;
+        if share == 1.0 {
+            losses.total.backward();
+        } else {
+            (&losses.total * share).backward();
+        }
         let mut grads: Vec<Tensor> = self
             .trainable
             .iter()
             .map(|(_, p)| p.grad())
             .filter(Tensor::defined)
             .collect();
-        reducer.all_reduce_mean(&mut grads)?;
+        // The centre's row sums and count ride in the gradients' all-reduce: every collective of
+        // the step happens before anything is updated, so a failed one leaves the replica at
+        // the previous step, whole.
+        grads.extend(DinoLoss::center_stats(&losses.teacher_output)?);
+        reducer.all_reduce_sum(&mut grads)?;
+        let (centre_count, centre_sum) = match (grads.pop(), grads.pop()) {
+            (Some(c), Some(s)) => (c, s),
+            _ => {
+                return Err(DinoError::Shape(
+                    "the centre statistics went missing".into(),
+                ));
+            }
+        };
         let norms = clip_gradients(&self.trainable, self.cfg.optim.clip_grad);
         let grad_norm = total_norm(&norms);
         let grad_norm_max = if norms.numel() > 0 {
@@ -339,8 +363,7 @@ impl<N: DinoNetwork> DinoTrainer<N> {
                 frozen && is_last_layer(n)
             })?;
         ema_update(&self.ema_pairs, sv.momentum);
-        self.dino_loss
-            .update_center(&losses.teacher_output, reducer)?;
+        self.dino_loss.apply_center(&centre_sum, &centre_count);
         let (nn_mean, nn_min) = match &losses.koleo {
             Some(k) => (
                 k.distances.mean(Kind::Float).double_value(&[]),
@@ -352,6 +375,7 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         self.last_schedule = Some(sv);
         Ok(StepMetrics {
             schedule: sv,
+            sample_share: share,
             dino_loss,
             teacher_entropy,
             koleo_proto,
@@ -363,6 +387,25 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             prototype_nn_mean: nn_mean,
             prototype_nn_min: nn_min,
         })
+    }
+
+    /// `n_r / N`: this member's samples over the group's (one summed scalar; 1 alone).
+    fn sample_share(&self, batch: &Batch, reducer: &dyn Reducer) -> Result<f64> {
+        if reducer.world_size() <= 1 {
+            return Ok(1.0);
+        }
+        let local = batch.batch_size() as f64;
+        let mut count = [Tensor::from_slice(&[local as f32]).to_device(self.device)];
+        reducer.all_reduce_sum(&mut count)?;
+        let [count] = count;
+        let total = count.double_value(&[0]);
+        if total < 1.0 {
+            return Err(DinoError::Shape(format!(
+                "the group's batch is empty ({total} samples over {} members)",
+                reducer.world_size()
+            )));
+        }
+        Ok(local / total)
     }
 
     fn non_finite(

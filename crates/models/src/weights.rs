@@ -258,6 +258,22 @@ pub fn is_buffer(name: &str) -> bool {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// A test hook for the crash-safety tests: when this variable names the file being written, the
+/// process writes half of it to the temporary file, fsyncs, and SIGKILLs itself, leaving on disk
+/// exactly what a writer killed mid-write leaves.
+pub const KILL_WRITING_ENV: &str = "PROTODINO_TEST_KILL_WRITING";
+
+fn kill_while_writing(file_name: &str, f: &mut std::fs::File, bytes: &[u8]) {
+    static TARGET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let target = TARGET.get_or_init(|| std::env::var(KILL_WRITING_ENV).ok());
+    if target.as_deref() == Some(file_name) {
+        let _ = f.write_all(&bytes[..bytes.len() / 2]);
+        let _ = f.sync_all();
+        // SAFETY: kill(2) on this very process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
 /// Write `bytes` to `path` through a fsynced temporary file in the same directory and a rename;
 /// the directory is fsynced afterwards so the rename itself is durable.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
@@ -284,6 +300,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
     ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        kill_while_writing(&file_name, &mut f, bytes);
         f.write_all(bytes).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         drop(f);

@@ -87,6 +87,11 @@ pub struct AgentArgs {
     /// File holding the join token (otherwise PROTODINO_JOIN_TOKEN).
     #[arg(long)]
     pub join_token_file: Option<PathBuf>,
+    /// Progress deadline of every collective operation of a training step, in milliseconds: a
+    /// peer that moves no byte for this long (stopped, cut off) fails the step on every member,
+    /// which then report it and regroup. 10 s absorbs the skew between members entering a step.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub collective_timeout_ms: u64,
     /// Logs as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -190,6 +195,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             .unwrap_or_else(protodino_config::data_root),
         checkpoint_root: args.checkpoint_root.clone(),
         threads: args.threads,
+        collective_timeout: std::time::Duration::from_millis(args.collective_timeout_ms),
         wake: Arc::new(tokio::sync::Notify::new()),
         perturb_at: sink::perturb_step(),
     };

@@ -50,6 +50,8 @@ pub struct SessionContext {
     pub checkpoint_root: PathBuf,
     /// libtorch threads (`--threads`), else the configuration's.
     pub threads: Option<i32>,
+    /// Progress deadline of the step's collectives (`--collective-timeout-ms`).
+    pub collective_timeout: Duration,
     /// Wakes the heartbeat loop when a session ends.
     pub wake: Arc<tokio::sync::Notify>,
     /// The test-only perturbation hook (`PROTODINO_TEST_PERTURB_AT_STEP`).
@@ -198,7 +200,7 @@ impl JobRunner {
         if threads > 0 {
             tch::set_num_threads(threads as i32);
         }
-        let dist = match form_group(&self.ctx.listener, a) {
+        let dist = match form_group(&self.ctx.listener, a, self.ctx.collective_timeout) {
             Ok(d) => d,
             Err(o) => return o,
         };
@@ -313,7 +315,7 @@ impl JobRunner {
 }
 
 /// The collective group of the assignment.
-fn form_group(listener: &TcpListener, a: &Assignment) -> Result<Dist, Outcome> {
+fn form_group(listener: &TcpListener, a: &Assignment, timeout: Duration) -> Result<Dist, Outcome> {
     if a.world_size == 1 {
         return Ok(Dist::solo());
     }
@@ -326,7 +328,11 @@ fn form_group(listener: &TcpListener, a: &Assignment) -> Result<Dist, Outcome> {
         peers: a.peers.clone(),
         secret: a.group_secret.clone(),
     };
-    RingGroup::connect(&spec, listener, GroupOptions::default())
+    let options = GroupOptions {
+        timeout,
+        ..GroupOptions::default()
+    };
+    RingGroup::connect(&spec, listener, options)
         .map(|g| Dist::from_group(g, SLOW_PHASE_DEADLINE))
         .map_err(|e| Outcome::collective("forming the group", &e))
 }

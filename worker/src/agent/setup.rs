@@ -127,9 +127,9 @@ pub fn check_assignment(a: &Assignment, plan: &DataPlan) -> Result<(), Outcome> 
             a.global_batch, plan.global_batch
         ));
     }
-    if a.global_batch % i64::from(w) != 0 {
+    if a.global_batch < i64::from(w) {
         return Err(Outcome::job(format!(
-            "a world of {w} does not divide the global batch {}",
+            "a world of {w} leaves members without samples of the global batch {}",
             a.global_batch
         )));
     }

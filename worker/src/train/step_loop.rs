@@ -11,7 +11,6 @@
 //! ([`LoopError`]): a non-finite loss (nothing was changed), a collective failure (with whether
 //! the replica is still whole) or anything else.
 
-use std::cell::Cell;
 use std::path::Path;
 use std::time::Instant;
 
@@ -19,7 +18,6 @@ use protodino_collectives::CollectiveError;
 use protodino_data::{DataPlan, Loader, member_share};
 use protodino_dino::{DinoError, NonFiniteLoss, Reducer, StepMetrics};
 use serde_json::json;
-use tch::Tensor;
 
 use super::analysis::{Analyst, CollapseRecord, prototype_snapshot};
 use super::checkpoints::save_checkpoint;
@@ -141,43 +139,6 @@ pub fn describe_non_finite(n: &NonFiniteLoss) -> String {
     }
 }
 
-/// Which reduction of a step failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Before anything is updated.
-    Gradients,
-    /// After the optimiser step and the EMA.
-    Centre,
-}
-
-/// A reducer that remembers which of the step's reductions failed.
-struct Tracked<'a> {
-    inner: &'a dyn Reducer,
-    failed: Cell<Option<Phase>>,
-}
-
-impl Reducer for Tracked<'_> {
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
-
-    fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> protodino_dino::Result<()> {
-        let r = self.inner.all_reduce_sum(tensors);
-        if r.is_err() {
-            self.failed.set(Some(Phase::Centre));
-        }
-        r
-    }
-
-    fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> protodino_dino::Result<()> {
-        let r = self.inner.all_reduce_mean(tensors);
-        if r.is_err() {
-            self.failed.set(Some(Phase::Gradients));
-        }
-        r
-    }
-}
-
 fn collective(during: &'static str, replica_valid: bool) -> impl Fn(CollectiveError) -> LoopError {
     move |source| LoopError::Collective {
         during,
@@ -236,22 +197,15 @@ pub fn run_steps(
             }
             let batch = to_batch(&mb);
             stream.recycle(mb);
-            let tracked = Tracked {
-                inner: reducer,
-                failed: Cell::new(None),
-            };
-            let mut m = match trainer.train_step(&batch, &tracked) {
+            let mut m = match trainer.train_step(&batch, reducer) {
                 Ok(m) => m,
                 Err(DinoError::NonFiniteLoss(n)) => return Err(LoopError::NonFinite(n)),
+                // Every collective of a step precedes its updates: the replica is whole.
                 Err(DinoError::Collective(source)) => {
-                    let phase = tracked.failed.get();
                     return Err(LoopError::Collective {
-                        during: match phase {
-                            Some(Phase::Centre) => "centre all-reduce",
-                            _ => "gradient all-reduce",
-                        },
+                        during: "the step's all-reduce",
                         source,
-                        replica_valid: phase != Some(Phase::Centre),
+                        replica_valid: true,
                     });
                 }
                 Err(e) => return Err(anyhow::Error::from(e).into()),
@@ -260,7 +214,7 @@ pub fn run_steps(
             // count the stop vote in the same all-reduce.
             let mut v = [m.dino_loss, m.teacher_entropy, m.total];
             let stop = dist
-                .mean_and_vote(&mut v, sink.stop_requested())
+                .mean_and_vote(&mut v, m.sample_share, sink.stop_requested())
                 .map_err(collective("step-metrics all-reduce", true))?;
             [m.dino_loss, m.teacher_entropy, m.total] = v;
             stats.images_seen += global.len();

@@ -173,7 +173,7 @@ fn a_hash_mismatch_resyncs_from_the_majority() {
     assert!(ack.stop, "the group is told to stop");
     let job = &w.core.job("job-a").unwrap().record;
     assert_eq!(job.progress.unwrap().replica_mismatches, 1);
-    assert_eq!(job.state, JobState::Rendezvous as i32);
+    assert_eq!(job.state, JobState::Recovering as i32);
     assert!(job.message.contains("w-a=aa"), "{}", job.message);
     assert!(job.message.contains("w-b=bb"), "{}", job.message);
     assert_eq!(w.training("w-b", "job-a", e).unwrap(), stop());
@@ -224,7 +224,7 @@ fn a_stopping_group_waits_for_reports_still_on_their_way() {
     w.apply(|c, now, _, ch| c.report_failure(now, &f, ch))
         .0
         .unwrap();
-    assert_eq!(w.state("job-a"), JobState::Rendezvous);
+    assert_eq!(w.state("job-a"), JobState::Recovering);
     w.idle("w-a", "job-a", e, 2, &[1]).unwrap();
     w.idle("w-b", "job-a", e, 2, &[1]).unwrap();
     assert_eq!(

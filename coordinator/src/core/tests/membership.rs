@@ -74,7 +74,7 @@ fn a_lost_member_regroups_the_survivor_with_an_idle_worker() {
     w.idle("w-c", "", 0, 0, &[]).unwrap();
     tick(&mut w);
     assert_eq!(w.worker_state("w-b"), "lost");
-    assert_eq!(w.state("job-a"), JobState::Rendezvous);
+    assert_eq!(w.state("job-a"), JobState::Recovering);
     assert!(
         w.message("job-a").contains("w-b lost"),
         "{}",
@@ -99,6 +99,141 @@ fn a_lost_member_regroups_the_survivor_with_an_idle_worker() {
             .unwrap()
             .membership_epoch,
         e + 1
+    );
+    // Recovering until the new group's first commit, which closes the record.
+    assert_eq!(w.state("job-a"), JobState::Recovering);
+    let a = w.assignment("w-a");
+    assert_eq!(
+        keep_going(),
+        w.training("w-a", "job-a", a.membership_epoch).unwrap()
+    );
+    assert_eq!(
+        keep_going(),
+        w.training("w-c", "job-a", a.membership_epoch).unwrap()
+    );
+    w.at(13_500);
+    w.report("w-a", "job-a", e + 1, 2, &[]).unwrap();
+    let (ack, ch) = {
+        let r = protodino_proto::v1::StepReport {
+            worker_id: "w-c".into(),
+            job_id: "job-a".into(),
+            membership_epoch: e + 1,
+            step: 2,
+            sample_digest: w.digest("job-a", 2),
+            ..Default::default()
+        };
+        w.apply(|c, now, _, ch| c.report_step(now, &r, ch))
+    };
+    assert!(!ack.unwrap().stop);
+    assert_eq!(w.state("job-a"), JobState::Running);
+    let r = &w.core.job("job-a").unwrap().record.recoveries;
+    assert_eq!(r.len(), 1);
+    let r = &r[0];
+    assert_eq!(r.reason, "heartbeat_expired");
+    assert_eq!(r.members_before, ["w-a", "w-b"]);
+    assert_eq!(r.members_after, ["w-a", "w-c"]);
+    assert_eq!((r.epoch_before, r.epoch_after), (e, e + 1));
+    assert_eq!((r.resumed_from.as_str(), r.resume_step), ("replica", 1));
+    assert_eq!(r.steps_redone, 0);
+    // Detected at the tick of 12 s, first commit at 13.5 s.
+    assert!((r.seconds - 1.5).abs() < 1e-6, "{}", r.seconds);
+    assert_eq!(ch.recovered.len(), 1);
+    let snap = w.core.snapshot();
+    assert_eq!(snap.recoveries.by_reason["heartbeat_expired"], 1);
+}
+
+/// Three members at step 1 of `job-a` (max world `max`), with `w-a`, `w-b`, `w-c`.
+fn running_three(w: &mut World, max: i32) -> i64 {
+    for n in ["a", "b", "c"] {
+        w.register(n);
+    }
+    w.submit("job-a", 2, max, 12, 48, 2);
+    let (e, _) = w.start_group("job-a", &["w-a", "w-b", "w-c"]);
+    for m in ["w-a", "w-b", "w-c"] {
+        w.report(m, "job-a", e, 1, &[]).unwrap();
+    }
+    assert_eq!(w.state("job-a"), JobState::Running);
+    e
+}
+
+#[test]
+fn a_worker_that_registers_mid_job_joins_at_the_next_step_boundary() {
+    let mut w = World::new();
+    let e = running_three(&mut w, 4);
+    w.register("d");
+    // The group is told to stop (a planned regroup, not a recovery) and re-forms with w-d.
+    assert_eq!(w.state("job-a"), JobState::Rendezvous);
+    assert!(
+        w.message("job-a").contains("w-d joins (world 3 → 4)"),
+        "{}",
+        w.message("job-a")
+    );
+    let ack = w.report("w-a", "job-a", e, 2, &[]).unwrap();
+    assert!(ack.stop);
+    for m in ["w-b", "w-c"] {
+        assert!(w.report(m, "job-a", e, 2, &[]).unwrap().stop);
+    }
+    assert_eq!(w.watermark("job-a"), 2);
+    for m in ["w-a", "w-b", "w-c"] {
+        w.idle(m, "job-a", e, 2, &[9]).unwrap();
+    }
+    let job = w.core.job("job-a").unwrap();
+    assert_eq!(job.record.workers, ["w-a", "w-b", "w-c", "w-d"]);
+    let a = w.assignment("w-d");
+    assert_eq!(
+        (a.rank, a.world_size, a.state_source_rank, a.resume_step),
+        (3, 4, 0, 2)
+    );
+    let r = &w.core.job("job-a").unwrap().record.recoveries[0];
+    assert_eq!((r.reason.as_str(), r.members_after.len()), ("joined", 4));
+    // At max_world_size a fifth worker stays idle.
+    w.register("e");
+    assert_eq!(w.worker_state("w-e"), "idle");
+}
+
+#[test]
+fn joins_wait_out_the_cooldown_after_a_failure() {
+    let mut w = World::new();
+    let e = running_three(&mut w, 3);
+    w.at(6_000);
+    for m in ["w-a", "w-b"] {
+        w.training(m, "job-a", e).unwrap();
+    }
+    w.at(11_000);
+    for m in ["w-a", "w-b"] {
+        w.training(m, "job-a", e).unwrap();
+    }
+    tick(&mut w);
+    assert_eq!(w.worker_state("w-c"), "lost");
+    for m in ["w-a", "w-b"] {
+        w.idle(m, "job-a", e, 1, &[9]).unwrap();
+    }
+    let e2 = e + 1;
+    for m in ["w-a", "w-b"] {
+        let a = w.assignment(m);
+        assert_eq!(a.membership_epoch, e2);
+        w.training(m, "job-a", e2).unwrap();
+    }
+    for m in ["w-a", "w-b"] {
+        w.report(m, "job-a", e2, 2, &[]).unwrap();
+    }
+    assert_eq!(w.state("job-a"), JobState::Running);
+    // w-c comes back as a fresh worker within the cooldown: it waits as a spare...
+    w.at(20_000);
+    w.register("c2");
+    assert_eq!(w.state("job-a"), JobState::Running);
+    assert_eq!(w.worker_state("w-c2"), "idle");
+    // ...and joins once the cooldown since the failure (detected at 11 s) is over.
+    w.at(11_000 + COOLDOWN.as_millis() as u64);
+    for m in ["w-a", "w-b"] {
+        w.training(m, "job-a", e2).unwrap();
+    }
+    w.idle("w-c2", "", 0, 0, &[]).unwrap();
+    assert_eq!(w.state("job-a"), JobState::Rendezvous);
+    assert!(
+        w.message("job-a").contains("w-c2 joins (world 2 → 3)"),
+        "{}",
+        w.message("job-a")
     );
 }
 
@@ -292,7 +427,7 @@ fn a_restored_member_that_comes_back_without_its_session_regroups() {
     rejoin(&mut w, "w-a", "job-a", e, 1);
     // w-b restarted too and lost its session: its old id is free, but the group is gone.
     assert_eq!(rejoin(&mut w, "w-b", "", 0, 0), "w-b");
-    assert_eq!(w.state("job-a"), JobState::Rendezvous);
+    assert_eq!(w.state("job-a"), JobState::Recovering);
     w.idle("w-b", "", 0, 0, &[]).unwrap();
     assert_eq!(w.training("w-a", "job-a", e).unwrap(), stop());
     w.idle("w-a", "job-a", e, 1, &[3]).unwrap();
@@ -361,4 +496,74 @@ fn a_registered_worker_joins_a_group_only_once_a_heartbeat_described_its_replica
         "from w-a's replica, not a checkpoint or the seed"
     );
     assert!(!a.resume_from_checkpoint);
+}
+
+#[test]
+fn survivors_past_the_watermark_resume_from_their_step_and_commit_it() {
+    let mut w = World::new();
+    let e = running_three(&mut w, 3);
+    // Step 2 completed on every member, but w-c died before reporting it.
+    w.report("w-a", "job-a", e, 2, &[]).unwrap();
+    w.report("w-b", "job-a", e, 2, &[]).unwrap();
+    assert_eq!(w.watermark("job-a"), 1);
+    w.at(6_000);
+    for m in ["w-a", "w-b"] {
+        w.training(m, "job-a", e).unwrap();
+    }
+    w.at(11_000);
+    for m in ["w-a", "w-b"] {
+        w.training(m, "job-a", e).unwrap();
+    }
+    tick(&mut w);
+    assert_eq!(w.state("job-a"), JobState::Recovering);
+    for m in ["w-a", "w-b"] {
+        w.idle(m, "job-a", e, 2, &[7]).unwrap();
+    }
+    assert_eq!(w.watermark("job-a"), 2);
+    let a = w.assignment("w-b");
+    assert_eq!((a.resume_step, a.world_size), (2, 2));
+    assert!(!a.resume_from_checkpoint);
+    let job = w.core.job("job-a").unwrap();
+    assert_eq!(job.record.progress.unwrap().step, 2);
+    let r = &job.record.recoveries[0];
+    assert_eq!(
+        (r.resumed_from.as_str(), r.resume_step, r.steps_redone),
+        ("replica", 2, 0)
+    );
+}
+
+#[test]
+fn a_silent_member_of_a_stopping_group_is_lost_after_the_stop_grace() {
+    let mut w = World::new();
+    let e = running_three(&mut w, 3);
+    // w-c died; w-a saw its peer go and reports it at 1 s. w-a and w-b keep beating.
+    w.at(1_000);
+    let f = protodino_proto::v1::FailureReport {
+        worker_id: "w-a".into(),
+        job_id: "job-a".into(),
+        membership_epoch: e,
+        last_committed_step: 1,
+        reason: "peer rank 2 disconnected".into(),
+        kind: protodino_proto::v1::FailureKind::PeerLost as i32,
+        ..Default::default()
+    };
+    w.apply(|c, now, _, ch| c.report_failure(now, &f, ch))
+        .0
+        .unwrap();
+    for m in ["w-a", "w-b"] {
+        w.idle(m, "job-a", e, 1, &[4]).unwrap();
+    }
+    tick(&mut w);
+    assert_eq!(w.worker_state("w-c"), "training", "within the grace");
+    // Last heard of at 0 s: lost once silent for longer than the grace, long before the
+    // heartbeat timeout.
+    w.at(STOP_GRACE.as_millis() as u64 + 100);
+    for m in ["w-a", "w-b"] {
+        w.idle(m, "job-a", e, 1, &[4]).unwrap();
+    }
+    tick(&mut w);
+    assert_eq!(w.worker_state("w-c"), "lost");
+    let job = w.core.job("job-a").unwrap();
+    assert_eq!(job.record.workers, ["w-a", "w-b"]);
+    assert_eq!(job.ledger.last_epoch, e + 1);
 }

@@ -19,6 +19,8 @@ use crate::core::{Changes, Core, CoreConfig, Ledger, NewJob, Plan, Registration}
 use crate::error::Error;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+pub const COOLDOWN: Duration = Duration::from_secs(30);
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// A core, a clock and a counter of drawn secrets.
 pub struct World {
@@ -34,7 +36,9 @@ impl World {
         World {
             core: Core::new(CoreConfig {
                 heartbeat_timeout: TIMEOUT,
+                stop_grace: STOP_GRACE,
                 hash_every_steps: 2,
+                join_cooldown: COOLDOWN,
             }),
             t0,
             now: t0,

@@ -9,21 +9,17 @@ use crate::core::quorum::{Candidate, Holding, choose, world_size};
 type WorldCase = (i32, i32, u64, usize, Result<usize, &'static str>);
 
 #[test]
-fn world_size_is_the_largest_divisor_of_the_global_batch_in_range() {
+fn world_size_is_as_large_as_allowed_and_shares_may_be_uneven() {
     let cases: &[WorldCase] = &[
         (1, 1, 8, 3, Ok(1)),
         (2, 4, 8, 4, Ok(4)),
-        (2, 4, 8, 3, Ok(2)),
-        (1, 4, 6, 4, Ok(3)),
-        (1, 8, 12, 5, Ok(4)),
+        (2, 4, 8, 3, Ok(3)),
+        (1, 4, 6, 4, Ok(4)),
+        (1, 8, 12, 5, Ok(5)),
+        // At most one member per sample.
+        (1, 8, 3, 5, Ok(3)),
         (2, 2, 4, 1, Err("waiting for workers: 1 idle, needs 2")),
-        (
-            3,
-            3,
-            8,
-            5,
-            Err("waiting for workers: 5 idle, but no world size in [3, 3]"),
-        ),
+        (3, 3, 2, 5, Err("no group can form")),
         (1, 4, 7, 0, Err("waiting for workers: 0 idle, needs 1")),
     ];
     for (min, max, g, idle, want) in cases {
@@ -46,7 +42,10 @@ fn cand(id: &str, old_rank: Option<usize>, holding: Holding) -> Candidate {
 
 #[test]
 fn the_source_is_in_the_largest_class_of_equal_hashes() {
-    let v = |h: u8| Holding::Valid(vec![h]);
+    let v = |h: u8| Holding::Valid {
+        step: 4,
+        hash: vec![h],
+    };
     // (candidates, max world) → members in rank order (rank 0 is the source), from a replica?
     let cases: Vec<(Vec<Candidate>, i32, Vec<&str>, bool)> = vec![
         // Majority {b, c} with hash 2; old rank 0 (a) is the minority.
@@ -100,12 +99,31 @@ fn the_source_is_in_the_largest_class_of_equal_hashes() {
             vec!["b", "c"],
             true,
         ),
+        // A replica one step past the others completed a step whose reports did not all
+        // arrive: it is the newest state and wins over a larger class.
+        (
+            vec![
+                cand("a", Some(0), v(1)),
+                cand("b", Some(1), v(1)),
+                cand(
+                    "c",
+                    Some(2),
+                    Holding::Valid {
+                        step: 5,
+                        hash: vec![3],
+                    },
+                ),
+            ],
+            3,
+            vec!["c", "a", "b"],
+            true,
+        ),
     ];
     for (candidates, max, want, from_replica) in cases {
         let q = choose(1, max, 12, candidates).unwrap();
         assert_eq!(q.members, want);
         assert_eq!(q.source_rank, 0);
-        assert_eq!(q.from_replica, from_replica, "{want:?}");
+        assert_eq!(q.source_step.is_some(), from_replica, "{want:?}");
     }
 }
 
@@ -141,8 +159,8 @@ fn rendezvous_hands_every_member_the_same_group() {
     for n in ["a", "b", "c", "d"] {
         w.register(n);
     }
-    // 4 idle workers, max 4, but only 3 divides the global batch 6.
-    w.submit("job-a", 2, 4, 6, 60, 1);
+    // 4 idle workers, max 3.
+    w.submit("job-a", 2, 3, 6, 60, 1);
     let members = w.core.job("job-a").unwrap().record.workers.clone();
     assert_eq!(members, ["w-a", "w-b", "w-c"]);
     assert_eq!(w.worker_state("w-d"), "idle");

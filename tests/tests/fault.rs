@@ -1,0 +1,464 @@
+//! Fault tolerance end to end: the real coordinator and `protodino worker` processes on
+//! loopback, real SIGKILL / SIGSTOP / SIGCONT, real checkpoints. Every disturbed job must end
+//! with the parameters of the undisturbed job (one process with the same global batch) and an
+//! audit file showing every sample once per epoch.
+//!
+//! - one of three members killed mid-epoch (rank 1, and rank 0 — the checkpoint writer and the
+//!   state source): the survivors heal in memory at world 2, nobody reloads from disk;
+//! - a fourth worker registering mid-job joins at a step boundary and its replica hash matches;
+//! - a member stopped with SIGSTOP is evicted, and after SIGCONT learns its epoch is stale and
+//!   waits as a spare;
+//! - every worker killed: the job restarts from its last checkpoint once workers return;
+//! - the checkpoint writer killed in the middle of writing: the previous checkpoint stays intact
+//!   and listed, and every listed checkpoint loads and matches its SHA-256.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use protodino_proto::v1::{Job, JobState, Recovery};
+use protodino_tests::cluster::{
+    Coordinator, Roots, Worker, audit_exactly_once, get, job_dir, load_f32, spec, state, submit,
+    wait_for, worst_relative, worst_relative_l2,
+};
+use protodino_tests::scenario::{
+    BASE, MINUTES, runtime, single_process, step_of, wait_idle, without_key_bias,
+};
+
+/// Global batch of the scenarios: 6 + 5 + 5 samples at world 3, 8 + 8 at world 2.
+const BATCH: i32 = 16;
+const STEPS: i64 = 20;
+/// What a disturbed run may differ from the undisturbed one by, per tensor: relative in norm,
+/// and per element relative to the tensor's largest element (Adam normalises the summation
+/// noise of near-zero gradient entries up to a step's size, so single elements of the last
+/// layer carry it most: 0.4e-5 to 1.8e-5 measured in these scenarios).
+const TOLERANCE_L2: f64 = 1e-5;
+const TOLERANCE_MAX: f64 = 5e-5;
+
+/// The undisturbed run, trained once per test binary.
+fn reference() -> &'static BTreeMap<String, Vec<f32>> {
+    static REFERENCE: OnceLock<BTreeMap<String, Vec<f32>>> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        single_process(dir.path(), "", BATCH as usize, STEPS as usize)
+    })
+}
+
+/// The job's final checkpoint against the undisturbed run.
+fn assert_equal_to_undisturbed(roots: &Roots, job: &Job) {
+    let path = job_dir(roots, job).join(format!("checkpoint-{STEPS:08}.safetensors"));
+    let got = without_key_bias(load_f32(&path));
+    let (l2, l2_name) = worst_relative_l2(reference(), &got);
+    let (worst, name) = worst_relative(reference(), &got);
+    eprintln!(
+        "{}: against the undisturbed run, worst relative difference in norm {l2:.3e} \
+         ({l2_name}), per element {worst:.3e} ({name})",
+        job.job_id
+    );
+    assert!(l2 < TOLERANCE_L2, "{l2_name} differs by {l2:e} in norm");
+    assert!(worst < TOLERANCE_MAX, "{name} differs by {worst:e}");
+}
+
+/// Every listed checkpoint exists, loads, and matches its SHA-256.
+fn assert_listed_checkpoints_load(roots: &Roots, job: &Job) {
+    use sha2::Digest;
+    assert!(!job.checkpoints.is_empty(), "{job:?}");
+    for c in &job.checkpoints {
+        let path = roots.checkpoint_root.join(&c.uri);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            c.sha256,
+            "{}",
+            c.uri
+        );
+        assert!(!load_f32(&path).is_empty(), "{} holds no tensors", c.uri);
+    }
+}
+
+fn start_workers(
+    roots: &Roots,
+    coordinator: &Coordinator,
+    names: &[&str],
+    extra: &[&str],
+) -> Vec<Worker> {
+    names
+        .iter()
+        .map(|n| Worker::start_with(roots, &coordinator.url(), n, &[], extra))
+        .collect()
+}
+
+/// The recipe at world `min..=max`.
+fn job_spec(min: i32, max: i32) -> protodino_proto::v1::JobSpec {
+    let mut s = spec(BASE, max, BATCH, STEPS);
+    s.min_world_size = Some(min);
+    s
+}
+
+/// Follows the job to SUCCEEDED, recording every state it passed through.
+async fn finish(
+    jobs: &mut protodino_tests::cluster::JobClient,
+    id: &str,
+    seen: &RefCell<Vec<JobState>>,
+) -> Job {
+    wait_for(jobs, id, 5 * MINUTES, "success", |j| {
+        let s = state(j);
+        if seen.borrow().last() != Some(&s) {
+            seen.borrow_mut().push(s);
+        }
+        s == JobState::Succeeded
+    })
+    .await
+}
+
+/// The index in `workers` of the process with coordinator id `id`.
+fn process_of(workers: &[Worker], id: &str) -> usize {
+    workers
+        .iter()
+        .position(|w| w.worker_id() == id)
+        .unwrap_or_else(|| panic!("no worker process registered as {id}"))
+}
+
+fn print_recoveries(job: &Job) {
+    for r in &job.recoveries {
+        eprintln!(
+            "{}: recovery {} epoch {} → {} ({} → {} members) from {} at step {}, {} step(s) \
+             redone, {:.2} s: {}",
+            job.job_id,
+            r.reason,
+            r.epoch_before,
+            r.epoch_after,
+            r.members_before.len(),
+            r.members_after.len(),
+            r.resumed_from,
+            r.resume_step,
+            r.steps_redone,
+            r.seconds,
+            r.detail
+        );
+    }
+}
+
+/// The failure recoveries of a job (joins left out).
+fn failures(job: &Job) -> Vec<&Recovery> {
+    job.recoveries
+        .iter()
+        .filter(|r| r.reason != "joined")
+        .collect()
+}
+
+fn kill_one_of_three(victim_rank: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = Roots::new(dir.path());
+    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &[]);
+    let mut workers = start_workers(
+        &roots,
+        &coordinator,
+        &["worker-a", "worker-b", "worker-c"],
+        &[],
+    );
+    wait_idle(&coordinator, 3);
+    let seen = RefCell::new(Vec::new());
+    runtime().block_on(async {
+        let mut jobs = coordinator.jobs().await;
+        let job = submit(&mut jobs, job_spec(2, 3)).await;
+        let running = wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "step 5", |j| {
+            state(j) == JobState::Running && step_of(j) >= 5
+        })
+        .await;
+        assert_eq!(running.workers.len(), 3, "{running:?}");
+        let victim = process_of(&workers, &running.workers[victim_rank]);
+        let killed_at = Instant::now();
+        workers[victim].kill9();
+        let healed = wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "the recovery", |j| {
+            let s = state(j);
+            if seen.borrow().last() != Some(&s) {
+                seen.borrow_mut().push(s);
+            }
+            failures(j).iter().any(|r| r.seconds >= 0.0)
+        })
+        .await;
+        eprintln!(
+            "kill -9 of rank {victim_rank} → next committed step: {:.2} s",
+            killed_at.elapsed().as_secs_f64()
+        );
+        let done = finish(&mut jobs, &job.job_id, &seen).await;
+        print_recoveries(&done);
+        eprintln!("states: {:?}", seen.borrow());
+        assert!(
+            seen.borrow().contains(&JobState::Recovering),
+            "{:?}",
+            seen.borrow()
+        );
+        let p = done.progress.unwrap();
+        assert_eq!((p.step, p.world_size), (STEPS, 2), "{p:?}");
+        let r = failures(&healed)[0];
+        assert_eq!(r.members_before.len(), 3);
+        assert_eq!(r.members_after.len(), 2);
+        assert!(!r.members_after.contains(&running.workers[victim_rank]));
+        assert_eq!(r.resumed_from, "replica", "{r:?}");
+        assert!(r.steps_redone <= 1, "{r:?}");
+        assert_eq!(
+            audit_exactly_once(&job_dir(&roots, &done).join("steps.jsonl"), BATCH as usize),
+            STEPS as usize
+        );
+        assert_eq!(p.replica_mismatches, 0);
+        assert_equal_to_undisturbed(&roots, &done);
+    });
+    // No survivor reloaded from disk.
+    for (i, w) in workers.iter().enumerate() {
+        let log = w.log_text();
+        assert!(
+            !log.contains("resumed from"),
+            "worker {i} reloaded a checkpoint:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_member_killed_mid_epoch_is_healed_in_memory_and_the_job_ends_as_undisturbed() {
+    kill_one_of_three(1);
+}
+
+#[test]
+fn losing_rank_0_the_checkpoint_writer_and_state_source_is_an_ordinary_recovery() {
+    kill_one_of_three(0);
+}
+
+#[test]
+fn a_worker_registering_mid_job_joins_with_the_state_and_a_matching_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = Roots::new(dir.path());
+    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &["--hash-every-steps", "2"]);
+    let _workers = start_workers(
+        &roots,
+        &coordinator,
+        &["worker-a", "worker-b", "worker-c"],
+        &[],
+    );
+    wait_idle(&coordinator, 3);
+    let seen = RefCell::new(Vec::new());
+    runtime().block_on(async {
+        let mut jobs = coordinator.jobs().await;
+        let job = submit(&mut jobs, job_spec(2, 4)).await;
+        wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "step 3", |j| {
+            state(j) == JobState::Running && step_of(j) >= 3
+        })
+        .await;
+        let late = Worker::start(&roots, &coordinator.url(), "worker-d", &[]);
+        let late_id = late.worker_id();
+        let joined = wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "the join", |j| {
+            j.workers.len() == 4 && state(j) == JobState::Running
+        })
+        .await;
+        assert!(joined.workers.contains(&late_id), "{joined:?}");
+        let done = finish(&mut jobs, &job.job_id, &seen).await;
+        print_recoveries(&done);
+        let p = done.progress.unwrap();
+        assert_eq!((p.step, p.world_size), (STEPS, 4), "{p:?}");
+        // Hashes are compared every 2 steps: the newcomer's replica matched at each.
+        assert_eq!(p.replica_mismatches, 0, "{p:?}");
+        let r = done
+            .recoveries
+            .iter()
+            .find(|r| r.members_after.contains(&late_id) && !r.members_before.contains(&late_id))
+            .unwrap_or_else(|| panic!("no join of {late_id}: {:?}", done.recoveries));
+        assert_eq!(r.reason, "joined");
+        assert_eq!(r.members_after.len(), r.members_before.len() + 1);
+        assert_eq!(r.resumed_from, "replica");
+        assert!(failures(&done).is_empty(), "{:?}", done.recoveries);
+        assert_eq!(
+            audit_exactly_once(&job_dir(&roots, &done).join("steps.jsonl"), BATCH as usize),
+            STEPS as usize
+        );
+        assert_equal_to_undisturbed(&roots, &done);
+        drop(late);
+    });
+}
+
+#[test]
+fn a_stopped_member_is_evicted_and_after_sigcont_waits_as_a_spare() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = Roots::new(dir.path());
+    // Joins only after a minute: the woken worker stays a spare for the rest of the job.
+    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &["--join-cooldown-ms", "60000"]);
+    let workers = start_workers(
+        &roots,
+        &coordinator,
+        &["worker-a", "worker-b", "worker-c"],
+        &["--collective-timeout-ms", "2000"],
+    );
+    wait_idle(&coordinator, 3);
+    let seen = RefCell::new(Vec::new());
+    let victim = runtime().block_on(async {
+        let mut jobs = coordinator.jobs().await;
+        let job = submit(&mut jobs, job_spec(2, 3)).await;
+        let running = wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "step 4", |j| {
+            state(j) == JobState::Running && step_of(j) >= 4
+        })
+        .await;
+        let victim_id = running.workers[1].clone();
+        let index = process_of(&workers, &victim_id);
+        let victim = &workers[index];
+        let stopped_at = Instant::now();
+        victim.signal(libc::SIGSTOP);
+        let healed = wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "the eviction", |j| {
+            failures(j).iter().any(|r| r.seconds >= 0.0)
+        })
+        .await;
+        eprintln!(
+            "SIGSTOP → next committed step at world {}: {:.2} s",
+            healed.workers.len(),
+            stopped_at.elapsed().as_secs_f64()
+        );
+        assert!(!healed.workers.contains(&victim_id), "{healed:?}");
+        victim.signal(libc::SIGCONT);
+        let done = finish(&mut jobs, &job.job_id, &seen).await;
+        print_recoveries(&done);
+        let p = done.progress.unwrap();
+        assert_eq!((p.step, p.world_size), (STEPS, 2), "{p:?}");
+        assert_eq!(p.replica_mismatches, 0);
+        assert_eq!(
+            audit_exactly_once(&job_dir(&roots, &done).join("steps.jsonl"), BATCH as usize),
+            STEPS as usize
+        );
+        assert_equal_to_undisturbed(&roots, &done);
+        index
+    });
+    // The woken worker learned that its epoch was gone and registered again: with the two
+    // others it is one of three idle workers.
+    wait_idle(&coordinator, 3);
+    let log = workers[victim].log_text();
+    assert!(
+        log.matches("registered as").count() >= 2,
+        "the stopped worker did not register again:\n{log}"
+    );
+}
+
+#[test]
+fn with_every_worker_killed_the_job_restarts_from_its_checkpoint_and_ends_as_undisturbed() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = Roots::new(dir.path());
+    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &[]);
+    let mut first = start_workers(
+        &roots,
+        &coordinator,
+        &["worker-a", "worker-b", "worker-c"],
+        &[],
+    );
+    wait_idle(&coordinator, 3);
+    let seen = RefCell::new(Vec::new());
+    runtime().block_on(async {
+        let mut jobs = coordinator.jobs().await;
+        let mut s = job_spec(2, 3);
+        s.checkpoint_every_steps = Some(5);
+        let job = submit(&mut jobs, s).await;
+        let before = wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "a checkpoint", |j| {
+            step_of(j) >= 7 && !j.checkpoints.is_empty()
+        })
+        .await;
+        for w in &mut first {
+            w.kill9();
+        }
+        let after_kill = get(&mut jobs, &job.job_id).await;
+        let second = start_workers(
+            &roots,
+            &coordinator,
+            &["worker-d", "worker-e", "worker-f"],
+            &[],
+        );
+        let done = finish(&mut jobs, &job.job_id, &seen).await;
+        print_recoveries(&done);
+        let p = done.progress.unwrap();
+        assert_eq!(p.step, STEPS);
+        for c in &before.checkpoints {
+            assert!(done.checkpoints.iter().any(|d| d.step >= c.step));
+        }
+        let restart = failures(&done)
+            .into_iter()
+            .find(|r| r.resumed_from == "checkpoint")
+            .unwrap_or_else(|| panic!("no restart from a checkpoint: {:?}", done.recoveries));
+        let watermark = step_of(&after_kill);
+        assert!(
+            restart.resume_step <= watermark && restart.resume_step >= 5,
+            "{restart:?}"
+        );
+        assert!(
+            restart.steps_redone >= watermark - restart.resume_step,
+            "{restart:?}"
+        );
+        assert_eq!(
+            audit_exactly_once(&job_dir(&roots, &done).join("steps.jsonl"), BATCH as usize),
+            STEPS as usize
+        );
+        assert_listed_checkpoints_load(&roots, &done);
+        assert_equal_to_undisturbed(&roots, &done);
+        drop(second);
+    });
+}
+
+#[test]
+fn a_checkpoint_writer_killed_mid_write_leaves_the_previous_checkpoint_intact_and_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = Roots::new(dir.path());
+    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &["--join-cooldown-ms", "0"]);
+    // worker-a trains alone first, so it is rank 0 (the writer) once worker-b has joined; it
+    // dies half-way through writing the checkpoint of step 10.
+    let writer = Worker::start(
+        &roots,
+        &coordinator.url(),
+        "worker-a",
+        &[(
+            "PROTODINO_TEST_KILL_WRITING",
+            "checkpoint-00000010.safetensors",
+        )],
+    );
+    wait_idle(&coordinator, 1);
+    let seen = RefCell::new(Vec::new());
+    runtime().block_on(async {
+        let mut jobs = coordinator.jobs().await;
+        let mut s = job_spec(1, 2);
+        s.checkpoint_every_steps = Some(5);
+        let job = submit(&mut jobs, s).await;
+        wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "step 1", |j| {
+            step_of(j) >= 1
+        })
+        .await;
+        let _other = Worker::start(&roots, &coordinator.url(), "worker-b", &[]);
+        let joined = wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "the join", |j| {
+            j.workers.len() == 2 && state(j) == JobState::Running
+        })
+        .await;
+        assert_eq!(joined.workers[0], writer.worker_id(), "{joined:?}");
+        // The writer dies writing the checkpoint of step 10; the checkpoint of step 5 is still
+        // listed and loads.
+        let recovering = wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "the recovery", |j| {
+            !failures(j).is_empty()
+        })
+        .await;
+        assert!(
+            recovering.checkpoints.iter().any(|c| c.step == 5),
+            "{:?}",
+            recovering.checkpoints
+        );
+        assert_listed_checkpoints_load(&roots, &recovering);
+        let done = finish(&mut jobs, &job.job_id, &seen).await;
+        print_recoveries(&done);
+        // The writer is gone, and left its torn temporary file behind.
+        let torn: Vec<String> = std::fs::read_dir(job_dir(&roots, &done))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with(".checkpoint-00000010.safetensors.tmp"))
+            .collect();
+        assert_eq!(torn.len(), 1, "no torn file from the killed writer");
+        let r = failures(&done);
+        assert!(!r.is_empty(), "{:?}", done.recoveries);
+        assert_eq!(r[0].members_before[0], joined.workers[0]);
+        assert_eq!(done.progress.as_ref().unwrap().world_size, 1);
+        assert_listed_checkpoints_load(&roots, &done);
+        assert!(done.checkpoints.iter().any(|c| c.step == STEPS));
+        assert_equal_to_undisturbed(&roots, &done);
+    });
+}
