@@ -79,31 +79,40 @@ impl Roots {
 impl Coordinator {
     /// Starts a coordinator on `listen` (`127.0.0.1:0` for a fresh port).
     pub fn start(roots: &Roots, listen: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(binary("protodino-coordinator", "protodino-coordinator"))
-            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
-            .arg("--store")
-            .arg(&roots.store)
-            .arg("--configs-dir")
-            .arg(repo_root().join("configs"))
-            .arg("--data-root")
-            .arg(&roots.data_root)
-            .arg("--checkpoint-root")
-            .arg(&roots.checkpoint_root)
-            .arg("--job-token-file")
-            .arg(roots.dir.join("job-token"))
-            .arg("--join-token-file")
-            .arg(roots.dir.join("join-token"))
-            .args([
-                "--heartbeat-interval-ms",
-                "200",
-                "--heartbeat-timeout-ms",
-                "5000",
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(log_file(&roots.dir, "coordinator"))
-            .spawn()
-            .expect("start the coordinator");
+        Self::start_in(roots, &[], listen, extra)
+    }
+
+    /// [`Coordinator::start`] with the binary run through `prefix`, a command that ends by
+    /// exec'ing its arguments (e.g. `ip netns exec NS`; empty: the binary itself).
+    pub fn start_in(roots: &Roots, prefix: &[&str], listen: &str, extra: &[&str]) -> Self {
+        let mut child = command(
+            prefix,
+            binary("protodino-coordinator", "protodino-coordinator"),
+        )
+        .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+        .arg("--store")
+        .arg(&roots.store)
+        .arg("--configs-dir")
+        .arg(repo_root().join("configs"))
+        .arg("--data-root")
+        .arg(&roots.data_root)
+        .arg("--checkpoint-root")
+        .arg(&roots.checkpoint_root)
+        .arg("--job-token-file")
+        .arg(roots.dir.join("job-token"))
+        .arg("--join-token-file")
+        .arg(roots.dir.join("join-token"))
+        .args([
+            "--heartbeat-interval-ms",
+            "200",
+            "--heartbeat-timeout-ms",
+            "5000",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(log_file(&roots.dir, "coordinator"))
+        .spawn()
+        .expect("start the coordinator");
         // "protodino-coordinator listening on ADDR metrics ADDR"
         let words = first_line(&mut child, "the coordinator");
         assert_eq!(words.len(), 6, "unexpected first line {words:?}");
@@ -141,6 +150,18 @@ impl Drop for Coordinator {
     }
 }
 
+/// `bin` as a command, run directly or through `prefix` (`prefix[0] prefix[1..] bin`).
+fn command(prefix: &[&str], bin: PathBuf) -> Command {
+    match prefix.split_first() {
+        None => Command::new(bin),
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(bin);
+            cmd
+        }
+    }
+}
+
 /// Appends a child's stderr to `<dir>/<name>.log` (shown when a scenario fails).
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
     std::fs::OpenOptions::new()
@@ -174,11 +195,26 @@ impl Worker {
         env: &[(&str, &str)],
         extra: &[&str],
     ) -> Self {
-        let mut cmd = Command::new(binary("protodino-worker", "protodino"));
+        Self::start_in(roots, &[], "127.0.0.1", coordinator_url, name, env, extra)
+    }
+
+    /// [`Worker::start_with`] with the binary run through `prefix` (see
+    /// [`Coordinator::start_in`]), its collective and metrics listeners on `host` (port 0).
+    pub fn start_in(
+        roots: &Roots,
+        prefix: &[&str],
+        host: &str,
+        coordinator_url: &str,
+        name: &str,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Self {
+        let listen = format!("{host}:0");
+        let mut cmd = command(prefix, binary("protodino-worker", "protodino"));
         cmd.args(["worker", "--coordinator", coordinator_url, "--name", name])
             .args(extra)
-            .args(["--threads", "1", "--collective-listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(["--threads", "1", "--collective-listen", &listen])
+            .args(["--metrics-listen", &listen])
             .arg("--data-root")
             .arg(&roots.data_root)
             .arg("--checkpoint-root")

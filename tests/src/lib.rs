@@ -4,6 +4,8 @@
 //! holds their shared recipe and the undisturbed single-process reference.
 
 pub mod cluster;
+/// Network namespaces (a bridge, veth pairs, a private `/dev/shm`) for the partition scenario.
+pub mod netns;
 pub mod scenario;
 
 use std::path::{Path, PathBuf};

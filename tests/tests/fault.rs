@@ -462,3 +462,73 @@ fn a_checkpoint_writer_killed_mid_write_leaves_the_previous_checkpoint_intact_an
         assert_equal_to_undisturbed(&roots, &done);
     });
 }
+
+/// Waits until `text` appears in the worker's log.
+fn wait_log(w: &Worker, text: &str) {
+    let deadline = Instant::now() + 2 * MINUTES;
+    while !w.log_text().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged {text:?}:\n{}",
+            w.name,
+            w.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn workers_stop_after_the_coordinator_grace_and_resume_from_their_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = Roots::new(dir.path());
+    let mut coordinator = Coordinator::start(&roots, "127.0.0.1:0", &[]);
+    let addr = coordinator.addr.clone();
+    let workers = start_workers(
+        &roots,
+        &coordinator,
+        &["worker-a", "worker-b"],
+        &["--coordinator-grace-ms", "1500"],
+    );
+    wait_idle(&coordinator, 2);
+    let rt = runtime();
+    let job_id = rt.block_on(async {
+        let mut jobs = coordinator.jobs().await;
+        let job = submit(&mut jobs, job_spec(2, 2)).await;
+        wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "step 3", |j| {
+            step_of(j) >= 3
+        })
+        .await;
+        job.job_id
+    });
+    coordinator.kill9();
+    // Past the grace both sessions stop at a step boundary and keep their replicas.
+    for w in &workers {
+        wait_log(w, "(--coordinator-grace-ms)");
+        wait_log(w, "Stopped at step");
+    }
+    let coordinator = Coordinator::start(&roots, &addr, &[]);
+    let seen = RefCell::new(Vec::new());
+    rt.block_on(async {
+        let mut jobs = coordinator.jobs().await;
+        let done = finish(&mut jobs, &job_id, &seen).await;
+        print_recoveries(&done);
+        assert_eq!(step_of(&done), STEPS);
+        assert!(
+            done.recoveries.iter().any(|r| r.resumed_from == "replica"),
+            "{:?}",
+            done.recoveries
+        );
+        assert!(
+            done.recoveries
+                .iter()
+                .all(|r| r.resumed_from != "checkpoint"),
+            "{:?}",
+            done.recoveries
+        );
+        assert_eq!(
+            audit_exactly_once(&job_dir(&roots, &done).join("steps.jsonl"), BATCH as usize),
+            STEPS as usize
+        );
+        assert_equal_to_undisturbed(&roots, &done);
+    });
+}

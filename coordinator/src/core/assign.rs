@@ -22,6 +22,7 @@ pub fn assignments(
     peers: &[String],
     secret: &[u8; 32],
     hash_every_steps: i64,
+    replicas_in_sync: bool,
 ) -> Vec<Assignment> {
     (0..m.members.len())
         .map(|rank| Assignment {
@@ -42,6 +43,7 @@ pub fn assignments(
             hash_every_steps: hash_every_steps.max(0),
             checkpoint_dir: ledger.checkpoint_dir.clone(),
             resume_from_checkpoint: m.resume_from_checkpoint,
+            replicas_in_sync,
         })
         .collect()
 }

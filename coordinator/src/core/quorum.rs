@@ -46,6 +46,8 @@ pub struct Quorum {
     /// The step of the source's valid replica (`None`: the group starts from rank 0's own
     /// state, a checkpoint or the seed).
     pub source_step: Option<u64>,
+    /// Every member holds the source's (step, hash): no state needs to move.
+    pub in_sync: bool,
 }
 
 /// The world size to form with `idle` workers, or why none: as many as allowed, at most one
@@ -103,7 +105,9 @@ pub fn choose(
     let mut ordered = candidates;
     ordered.sort_by(|a, b| (tier(a), old(a), &a.id).cmp(&(tier(b), old(b), &b.id)));
     ordered.truncate(w);
+    let in_sync = winner.is_some() && ordered.iter().all(|c| tier(c) == 0);
     Ok(Quorum {
+        in_sync,
         source_step: winner.map(|(step, _)| step),
         source_rank: 0,
         members: ordered.into_iter().map(|c| c.id).collect(),

@@ -375,6 +375,7 @@ impl Core {
             &peers,
             &secret,
             self.cfg.hash_every_steps,
+            q.in_sync,
         );
         let recovering = entry.state() == JobState::Recovering;
         let reason = format!(

@@ -3,7 +3,8 @@
 //! coordinator is away it retries with backoff; `NOT_FOUND` (a restarted coordinator that lost
 //! track of this worker, or one that never knew it) means registering again with the old id
 //! and the current session; a session that ends wakes the loop at once, so the coordinator
-//! learns of an idle worker without waiting for the next tick.
+//! learns of an idle worker without waiting for the next tick. A session trains on through an
+//! outage for `grace`, then stops at its next step boundary, its replica kept.
 
 use std::sync::Arc;
 
@@ -14,9 +15,10 @@ use super::client::{Disposition, describe, disposition};
 use super::state::Agent;
 
 /// Runs until the coordinator refuses this worker's credentials.
-pub async fn run(agent: Arc<Agent>) -> Result<()> {
+pub async fn run(agent: Arc<Agent>, grace: std::time::Duration) -> Result<()> {
     let mut backoff = Backoff::default();
     let mut away = false;
+    let mut away_since: Option<std::time::Instant> = None;
     let mut reregistered = false;
     let wake = agent.wake();
     loop {
@@ -25,6 +27,7 @@ pub async fn run(agent: Arc<Agent>) -> Result<()> {
         let delay = match agent.client().heartbeat(req).await {
             Ok(r) => {
                 reregistered = false;
+                away_since = None;
                 if away {
                     tracing::info!("coordinator reachable again");
                     away = false;
@@ -38,6 +41,15 @@ pub async fn run(agent: Arc<Agent>) -> Result<()> {
                     if !away {
                         tracing::warn!("heartbeat failed ({}); retrying", describe(&s));
                         away = true;
+                    }
+                    let since = *away_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > grace && agent.stop_for_outage() {
+                        tracing::warn!(
+                            "the coordinator has been unreachable for {} ms \
+                             (--coordinator-grace-ms): the session stops at its next step \
+                             boundary and keeps its replica",
+                            since.elapsed().as_millis()
+                        );
                     }
                     backoff.next_delay()
                 }

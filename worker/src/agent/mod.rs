@@ -92,6 +92,12 @@ pub struct AgentArgs {
     /// which then report it and regroup. 10 s absorbs the skew between members entering a step.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub collective_timeout_ms: u64,
+    /// How long a training session goes on while the coordinator is unreachable, in
+    /// milliseconds: past it the session stops at its next step boundary and keeps its replica
+    /// (the reports wait in their queue), so a coordinator that stays away for long does not
+    /// find a group that trained far ahead of its ledger.
+    #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub coordinator_grace_ms: u64,
     /// Logs as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -205,6 +211,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             sink::PERTURB_ENV
         );
     }
+    let grace = std::time::Duration::from_millis(args.coordinator_grace_ms);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -221,7 +228,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         agent.register(None).await?;
         tokio::select! {
             r = queue.run(agent.clone()) => r,
-            r = heartbeat::run(agent.clone()) => r,
+            r = heartbeat::run(agent.clone(), grace) => r,
             r = metrics_server => Err(anyhow::anyhow!("the metrics server stopped: {r:?}")),
             _ = shutdown_signal() => {
                 tracing::info!("shutting down");

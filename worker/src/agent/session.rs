@@ -385,7 +385,9 @@ fn sync_state(
             None => {}
         }
     }
-    if dist.world > 1 {
+    // Replicas in sync (the survivors of a lost peer) need no stream; the step check below
+    // still catches a member whose replica is not what it reported.
+    if dist.world > 1 && !a.replicas_in_sync {
         let scratch = data.job_dir.join(format!(
             ".sync-{}-rank{}.safetensors",
             a.membership_epoch, dist.rank

@@ -174,6 +174,19 @@ impl Agent {
         }
     }
 
+    /// The coordinator stayed away past the grace: the running session stops at its next step
+    /// boundary (its replica is kept). True when a session was told to.
+    pub fn stop_for_outage(&self) -> bool {
+        let slot = lock(&self.job);
+        match slot.as_ref() {
+            Some(h) if !h.shared.stop_requested(h.latest_epoch) => {
+                h.shared.stop(h.latest_epoch);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// `ABORTED`: the membership the heartbeat named no longer exists.
     pub fn on_stale(&self, sent: &Sent) {
         tracing::info!(

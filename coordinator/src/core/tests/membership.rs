@@ -184,6 +184,7 @@ fn a_worker_that_registers_mid_job_joins_at_the_next_step_boundary() {
         (a.rank, a.world_size, a.state_source_rank, a.resume_step),
         (3, 4, 0, 2)
     );
+    assert!(!a.replicas_in_sync, "the newcomer needs the state");
     let r = &w.core.job("job-a").unwrap().record.recoveries[0];
     assert_eq!((r.reason.as_str(), r.members_after.len()), ("joined", 4));
     // At max_world_size a fifth worker stays idle.
@@ -522,6 +523,7 @@ fn survivors_past_the_watermark_resume_from_their_step_and_commit_it() {
     assert_eq!(w.watermark("job-a"), 2);
     let a = w.assignment("w-b");
     assert_eq!((a.resume_step, a.world_size), (2, 2));
+    assert!(a.replicas_in_sync, "both survivors hold step 2 with hash 7");
     assert!(!a.resume_from_checkpoint);
     let job = w.core.job("job-a").unwrap();
     assert_eq!(job.record.progress.unwrap().step, 2);

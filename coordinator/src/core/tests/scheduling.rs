@@ -124,6 +124,8 @@ fn the_source_is_in_the_largest_class_of_equal_hashes() {
         assert_eq!(q.members, want);
         assert_eq!(q.source_rank, 0);
         assert_eq!(q.source_step.is_some(), from_replica, "{want:?}");
+        // In sync only when every member is of the winning class: here, the cut to max.
+        assert_eq!(q.in_sync, want == ["b", "c"], "{want:?}");
     }
 }
 
@@ -180,6 +182,7 @@ fn rendezvous_hands_every_member_the_same_group() {
         assert_eq!(x.resume_step, 0);
         assert_eq!(x.state_source_rank, 0);
         assert!(!x.resume_from_checkpoint);
+        assert!(!x.replicas_in_sync);
     }
     assert_eq!(w.worker_state("w-a"), "assigned");
     // A TRAINING heartbeat of the assigned session makes it training.
