@@ -46,7 +46,7 @@ fn first_line(child: &mut Child, what: &str) -> Vec<String> {
 /// A coordinator process.
 pub struct Coordinator {
     pub child: Child,
-    /// `127.0.0.1:PORT` of the gRPC server.
+    /// `HOST:PORT` of the gRPC server (`127.0.0.1:PORT` unless started elsewhere).
     pub addr: String,
     pub metrics_addr: String,
     pub dir: PathBuf,

@@ -321,7 +321,7 @@ fn scenario(net: &Net, roots: &Roots, coordinator: &Coordinator, workers: &[Work
         "{:?}",
         seen.borrow()
     );
-    let p = done.progress.clone().unwrap();
+    let p = done.progress.unwrap();
     assert_eq!((p.step, p.world_size), (STEPS, 2), "{p:?}");
     assert!(!done.workers.contains(&cut.victim_id), "{done:?}");
     assert_eq!(failures(&done).len(), 1, "{:?}", done.recoveries);
