@@ -384,7 +384,8 @@ async fn drive(
     while Instant::now() < settle_until {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let addr = metrics_addr.to_string();
-        let text = tokio::task::spawn_blocking(move || probe::http_get(&addr, "/metrics")).await??;
+        let text =
+            tokio::task::spawn_blocking(move || probe::http_get(&addr, "/metrics")).await??;
         idle = probe::metric(&text, "protodino_workers{state=\"idle\"}").map(|v| v as i64);
         active_jobs = Some(
             ["queued", "rendezvous", "running", "recovering"]

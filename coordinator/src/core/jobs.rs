@@ -81,6 +81,7 @@ impl Core {
         let record = new.record.clone();
         self.jobs
             .insert(id.clone(), JobEntry::new(new.record, new.ledger));
+        self.active.insert(id.clone());
         ch.job(&id);
         ch.ledger(&id);
         Ok(record)
@@ -126,6 +127,8 @@ impl Core {
             m.assignments.clear();
         }
         entry.ledger.pending.clear();
+        entry.ledger.release_caches();
+        self.active.remove(id);
         ch.job(id);
         ch.ledger(id);
         ch.note(id, reason);

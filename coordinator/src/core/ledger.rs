@@ -195,6 +195,11 @@ impl Ledger {
         self.pending.retain(|s, _| *s > w);
     }
 
+    /// Drops what only a running job needs (the cached permutation: 8 bytes per image).
+    pub fn release_caches(&mut self) {
+        self.perm_cache = None;
+    }
+
     pub fn is_complete(&self) -> bool {
         self.committed_step >= self.plan.total_steps
     }

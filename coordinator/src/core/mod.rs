@@ -166,6 +166,9 @@ pub struct Core {
     cfg: CoreConfig,
     pool: Pool,
     jobs: BTreeMap<String, JobEntry>,
+    /// Ids of the jobs that are not final: what scheduling walks (the history of finished jobs
+    /// must not make every heartbeat slower).
+    active: BTreeSet<String>,
     idempotency: HashMap<String, String>,
     recoveries: recovery::RecoveryStats,
 }
@@ -176,6 +179,7 @@ impl Core {
             cfg,
             pool: Pool::default(),
             jobs: BTreeMap::new(),
+            active: BTreeSet::new(),
             idempotency: HashMap::new(),
             recoveries: recovery::RecoveryStats::default(),
         }
@@ -226,6 +230,9 @@ impl Core {
             }
             for r in &entry.record.recoveries {
                 core.recoveries.count(&r.reason);
+            }
+            if !entry.is_final() {
+                core.active.insert(id.clone());
             }
             core.jobs.insert(id, entry);
         }

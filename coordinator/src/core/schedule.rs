@@ -49,7 +49,7 @@ impl Core {
     fn expire_silent_stopping_members(&mut self, now: Instant, ch: &mut Changes) {
         let grace = self.cfg.stop_grace;
         let mut silent = Vec::new();
-        for e in self.jobs.values() {
+        for e in self.active.iter().filter_map(|id| self.jobs.get(id)) {
             let Some(m) = &e.ledger.membership else {
                 continue;
             };
@@ -85,8 +85,9 @@ impl Core {
     ) -> Result<(), Error> {
         self.end_stopped_groups(ch);
         let waiting: Vec<String> = self
-            .jobs
-            .values()
+            .active
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
             .filter(|e| !e.is_final())
             .filter(|e| e.ledger.membership.as_ref().is_none_or(|m| !m.is_live()))
             .map(|e| e.record.job_id.clone())
@@ -143,7 +144,7 @@ impl Core {
         };
         let mut claimed: Vec<String> = Vec::new();
         let mut grows: Vec<(String, String)> = Vec::new();
-        for entry in self.jobs.values() {
+        for entry in self.active.iter().filter_map(|id| self.jobs.get(id)) {
             let Some(m) = entry.ledger.membership.as_ref().filter(|m| m.is_live()) else {
                 continue;
             };
@@ -189,15 +190,17 @@ impl Core {
 
     /// End every stopping membership whose members all stopped and can commit nothing more.
     fn end_stopped_groups(&mut self, ch: &mut Changes) {
-        for entry in self.jobs.values_mut() {
-            let id = entry.record.job_id.clone();
+        for id in &self.active {
+            let Some(entry) = self.jobs.get_mut(id) else {
+                continue;
+            };
             let Some(m) = &entry.ledger.membership else {
                 continue;
             };
             let Phase::Stopping(reason) = &m.phase else {
                 continue;
             };
-            let status = |w: &str| self.pool.member_status(w, &id, m.epoch);
+            let status = |w: &str| self.pool.member_status(w, id, m.epoch);
             let all_stopped = m
                 .members
                 .iter()
@@ -206,7 +209,7 @@ impl Core {
                 continue;
             }
             ch.note(
-                &id,
+                id,
                 format!(
                     "epoch {} ended at step {}: {reason}",
                     m.epoch, entry.ledger.committed_step
@@ -215,7 +218,7 @@ impl Core {
             if let Some(m) = &mut entry.ledger.membership {
                 m.phase = Phase::Ended;
             }
-            ch.ledger(&id);
+            ch.ledger(id);
         }
     }
 

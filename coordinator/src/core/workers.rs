@@ -272,12 +272,18 @@ impl Core {
             .and_then(|e| e.ledger.membership.as_ref())
             .filter(|m| m.epoch == epoch && m.is_live())
             .and_then(|m| m.rank_of(id).and_then(|r| m.assignments.get(r)))
-            .cloned()
-            .ok_or_else(|| {
-                Error::Internal(format!(
-                    "{id} is assigned to epoch {epoch} of {job_id}, which has no assignment for it"
-                ))
-            })?;
+            .cloned();
+        let Some(assignment) = assignment else {
+            // The group stopped before this worker confirmed its assignment (the response
+            // carrying it may have been lost): the assignment is void, the worker idle, and
+            // the stopped group no longer waits for it.
+            w.state = WorkerState::Idle;
+            ch.note(
+                id,
+                format!("its assignment to epoch {epoch} of {job_id} lapsed with the group"),
+            );
+            return Ok(respond(Action::KeepGoing(true)));
+        };
         w.state = WorkerState::Assigned {
             job_id,
             epoch,

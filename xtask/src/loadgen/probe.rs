@@ -70,7 +70,10 @@ mod tests {
         let text = "# HELP protodino_workers Workers by state\n\
                     protodino_workers{state=\"idle\"} 998\n\
                     protodino_workers{state=\"lost\"} 2\n";
-        assert_eq!(metric(text, "protodino_workers{state=\"idle\"}"), Some(998.0));
+        assert_eq!(
+            metric(text, "protodino_workers{state=\"idle\"}"),
+            Some(998.0)
+        );
         assert_eq!(metric(text, "protodino_workers{state=\"lost\"}"), Some(2.0));
         assert_eq!(metric(text, "protodino_workers"), None);
     }

@@ -569,3 +569,40 @@ fn a_silent_member_of_a_stopping_group_is_lost_after_the_stop_grace() {
     assert_eq!(job.record.workers, ["w-a", "w-b"]);
     assert_eq!(job.ledger.last_epoch, e + 1);
 }
+
+#[test]
+fn an_assignment_lost_on_its_way_lapses_when_the_group_stops() {
+    let mut w = World::new();
+    w.register("a");
+    w.register("b");
+    w.submit("job-a", 2, 2, 4, 16, 1);
+    // Both assignments go out; w-b's response is lost (it never starts the session).
+    let a = w.assignment("w-a");
+    let _lost = w.assignment("w-b");
+    w.training("w-a", "job-a", a.membership_epoch).unwrap();
+    // w-a cannot form the group without w-b and reports it.
+    let f = protodino_proto::v1::FailureReport {
+        worker_id: "w-a".into(),
+        job_id: "job-a".into(),
+        membership_epoch: a.membership_epoch,
+        reason: "forming the group: w-b never connected".into(),
+        kind: protodino_proto::v1::FailureKind::PeerLost as i32,
+        ..Default::default()
+    };
+    w.apply(|c, now, _, ch| c.report_failure(now, &f, ch))
+        .0
+        .unwrap();
+    w.idle("w-a", "job-a", a.membership_epoch, 0, &[]).unwrap();
+    // w-b, still idle without a session, is told to keep going (not INTERNAL), is idle, and
+    // the group re-forms with both.
+    assert_eq!(w.idle("w-b", "", 0, 0, &[]).unwrap(), keep_going());
+    tick(&mut w);
+    let job = w.core.job("job-a").unwrap();
+    assert_eq!(
+        job.ledger.last_epoch,
+        a.membership_epoch + 1,
+        "{}",
+        job.record.message
+    );
+    assert_eq!(job.record.workers.len(), 2);
+}
