@@ -184,14 +184,24 @@ mod tests {
             ..assignment()
         };
         assert!(check_assignment(&bad_rank, &plan).is_err());
+        // Uneven shares are fine (6 + 5 + 5); more members than samples are not.
         let uneven = Assignment {
             world_size: 3,
             rank: 0,
             peers: vec!["a:1".into(), "b:2".into(), "c:3".into()],
             ..assignment()
         };
+        assert!(check_assignment(&uneven, &plan).is_ok());
+        let tiny = DataPlan {
+            global_batch: 2,
+            ..plan
+        };
+        let tiny_assignment = Assignment {
+            global_batch: 2,
+            ..uneven
+        };
         assert!(matches!(
-            check_assignment(&uneven, &plan),
+            check_assignment(&tiny_assignment, &tiny),
             Err(Outcome::Failed {
                 scope: super::super::outcome::FailureScope::Job,
                 ..
