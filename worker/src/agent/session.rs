@@ -333,7 +333,16 @@ fn form_group(listener: &TcpListener, a: &Assignment, timeout: Duration) -> Resu
         ..GroupOptions::default()
     };
     RingGroup::connect(&spec, listener, options)
-        .map(|g| Dist::from_group(g, SLOW_PHASE_DEADLINE))
+        .map(|g| {
+            tracing::info!(
+                "job {} membership {}: group of {} formed, all-reduce over {:?}",
+                a.job_id,
+                a.membership_epoch,
+                a.world_size,
+                g.transport()
+            );
+            Dist::from_group(g, SLOW_PHASE_DEADLINE)
+        })
         .map_err(|e| Outcome::collective("forming the group", &e))
 }
 
