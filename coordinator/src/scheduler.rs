@@ -2,7 +2,7 @@
 //! tick loop, and persistence.
 //!
 //! Every operation runs through [`Scheduler::apply`]: take the lock, decide (the operation,
-//! then a scheduling pass), write every durable change of that decision in one redb write
+//! then a scheduling pass unless the operation ended with one), write every durable change of that decision in one redb write
 //! transaction on a blocking thread, broadcast the changed jobs to watchers, release the lock.
 //! Holding the lock across the write is what keeps the store in the order the changes were
 //! decided: a cancel and a commit racing each other are two decisions, one after the other,
@@ -93,7 +93,11 @@ impl Scheduler {
         let mut ch = Changes::default();
         let mut draw = os_secret;
         let result = op(&mut core, now, &mut draw, &mut ch);
-        let scheduled = core.schedule(now, &mut draw, &mut ch);
+        let scheduled = if ch.scheduled {
+            Ok(())
+        } else {
+            core.schedule(now, &mut draw, &mut ch)
+        };
         self.commit(&mut core, ch).await?;
         scheduled?;
         result

@@ -4,6 +4,7 @@
 //! holds their shared recipe and the undisturbed single-process reference.
 
 pub mod cluster;
+pub mod faults;
 /// Network namespaces (a bridge, veth pairs, a private `/dev/shm`) for the partition scenario.
 pub mod netns;
 pub mod scenario;

@@ -13,69 +13,17 @@
 //!   and listed, and every listed checkpoint loads and matches its SHA-256.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::sync::OnceLock;
 use std::time::Instant;
 
-use protodino_proto::v1::{Job, JobState, Recovery};
+use protodino_proto::v1::JobState;
 use protodino_tests::cluster::{
-    Coordinator, Roots, Worker, audit_exactly_once, get, job_dir, load_f32, spec, state, submit,
-    wait_for, worst_relative, worst_relative_l2,
+    Coordinator, Roots, Worker, audit_exactly_once, get, job_dir, state, submit, wait_for,
 };
-use protodino_tests::scenario::{
-    BASE, MINUTES, runtime, single_process, step_of, wait_idle, without_key_bias,
+use protodino_tests::faults::{
+    BATCH, STEPS, assert_equal_to_undisturbed, assert_listed_checkpoints_load, failures, finish,
+    job_spec, print_recoveries, process_of, record_state,
 };
-
-/// Global batch of the scenarios: 6 + 5 + 5 samples at world 3, 8 + 8 at world 2.
-const BATCH: i32 = 16;
-const STEPS: i64 = 20;
-/// What a disturbed run may differ from the undisturbed one by, per tensor: relative in norm,
-/// and per element relative to the tensor's largest element (Adam normalises the summation
-/// noise of near-zero gradient entries up to a step's size, so single elements of the last
-/// layer carry it most: 0.4e-5 to 1.8e-5 measured in these scenarios).
-const TOLERANCE_L2: f64 = 1e-5;
-const TOLERANCE_MAX: f64 = 5e-5;
-
-/// The undisturbed run, trained once per test binary.
-fn reference() -> &'static BTreeMap<String, Vec<f32>> {
-    static REFERENCE: OnceLock<BTreeMap<String, Vec<f32>>> = OnceLock::new();
-    REFERENCE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        single_process(dir.path(), "", BATCH as usize, STEPS as usize)
-    })
-}
-
-/// The job's final checkpoint against the undisturbed run.
-fn assert_equal_to_undisturbed(roots: &Roots, job: &Job) {
-    let path = job_dir(roots, job).join(format!("checkpoint-{STEPS:08}.safetensors"));
-    let got = without_key_bias(load_f32(&path));
-    let (l2, l2_name) = worst_relative_l2(reference(), &got);
-    let (worst, name) = worst_relative(reference(), &got);
-    eprintln!(
-        "{}: against the undisturbed run, worst relative difference in norm {l2:.3e} \
-         ({l2_name}), per element {worst:.3e} ({name})",
-        job.job_id
-    );
-    assert!(l2 < TOLERANCE_L2, "{l2_name} differs by {l2:e} in norm");
-    assert!(worst < TOLERANCE_MAX, "{name} differs by {worst:e}");
-}
-
-/// Every listed checkpoint exists, loads, and matches its SHA-256.
-fn assert_listed_checkpoints_load(roots: &Roots, job: &Job) {
-    use sha2::Digest;
-    assert!(!job.checkpoints.is_empty(), "{job:?}");
-    for c in &job.checkpoints {
-        let path = roots.checkpoint_root.join(&c.uri);
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(
-            hex::encode(sha2::Sha256::digest(&bytes)),
-            c.sha256,
-            "{}",
-            c.uri
-        );
-        assert!(!load_f32(&path).is_empty(), "{} holds no tensors", c.uri);
-    }
-}
+use protodino_tests::scenario::{MINUTES, runtime, step_of, wait_idle};
 
 fn start_workers(
     roots: &Roots,
@@ -89,76 +37,25 @@ fn start_workers(
         .collect()
 }
 
-/// The recipe at world `min..=max`.
-fn job_spec(min: i32, max: i32) -> protodino_proto::v1::JobSpec {
-    let mut s = spec(BASE, max, BATCH, STEPS);
-    s.min_world_size = Some(min);
-    s
-}
-
-/// Follows the job to SUCCEEDED, recording every state it passed through.
-async fn finish(
-    jobs: &mut protodino_tests::cluster::JobClient,
-    id: &str,
-    seen: &RefCell<Vec<JobState>>,
-) -> Job {
-    wait_for(jobs, id, 5 * MINUTES, "success", |j| {
-        let s = state(j);
-        if seen.borrow().last() != Some(&s) {
-            seen.borrow_mut().push(s);
-        }
-        s == JobState::Succeeded
-    })
-    .await
-}
-
-/// The index in `workers` of the process with coordinator id `id`.
-fn process_of(workers: &[Worker], id: &str) -> usize {
-    workers
-        .iter()
-        .position(|w| w.worker_id() == id)
-        .unwrap_or_else(|| panic!("no worker process registered as {id}"))
-}
-
-fn print_recoveries(job: &Job) {
-    for r in &job.recoveries {
-        eprintln!(
-            "{}: recovery {} epoch {} → {} ({} → {} members) from {} at step {}, {} step(s) \
-             redone, {:.2} s: {}",
-            job.job_id,
-            r.reason,
-            r.epoch_before,
-            r.epoch_after,
-            r.members_before.len(),
-            r.members_after.len(),
-            r.resumed_from,
-            r.resume_step,
-            r.steps_redone,
-            r.seconds,
-            r.detail
-        );
-    }
-}
-
-/// The failure recoveries of a job (joins left out).
-fn failures(job: &Job) -> Vec<&Recovery> {
-    job.recoveries
-        .iter()
-        .filter(|r| r.reason != "joined")
-        .collect()
-}
-
-fn kill_one_of_three(victim_rank: usize) {
+/// A coordinator (with `coordinator_extra` flags) and `names` workers (with `worker_extra`),
+/// all idle and described when it returns; the directory lives as long as the first value.
+fn service(
+    coordinator_extra: &[&str],
+    names: &[&str],
+    worker_extra: &[&str],
+) -> (tempfile::TempDir, Roots, Coordinator, Vec<Worker>) {
     let dir = tempfile::tempdir().unwrap();
     let roots = Roots::new(dir.path());
-    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &[]);
-    let mut workers = start_workers(
-        &roots,
-        &coordinator,
-        &["worker-a", "worker-b", "worker-c"],
-        &[],
-    );
-    wait_idle(&coordinator, 3);
+    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", coordinator_extra);
+    let workers = start_workers(&roots, &coordinator, names, worker_extra);
+    wait_idle(&coordinator, names.len());
+    (dir, roots, coordinator, workers)
+}
+
+const THREE: [&str; 3] = ["worker-a", "worker-b", "worker-c"];
+
+fn kill_one_of_three(victim_rank: usize) {
+    let (_dir, roots, coordinator, mut workers) = service(&[], &THREE, &[]);
     let seen = RefCell::new(Vec::new());
     runtime().block_on(async {
         let mut jobs = coordinator.jobs().await;
@@ -172,10 +69,7 @@ fn kill_one_of_three(victim_rank: usize) {
         let killed_at = Instant::now();
         workers[victim].kill9();
         let healed = wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "the recovery", |j| {
-            let s = state(j);
-            if seen.borrow().last() != Some(&s) {
-                seen.borrow_mut().push(s);
-            }
+            record_state(&seen, j);
             failures(j).iter().any(|r| r.seconds >= 0.0)
         })
         .await;
@@ -228,16 +122,7 @@ fn losing_rank_0_the_checkpoint_writer_and_state_source_is_an_ordinary_recovery(
 
 #[test]
 fn a_worker_registering_mid_job_joins_with_the_state_and_a_matching_hash() {
-    let dir = tempfile::tempdir().unwrap();
-    let roots = Roots::new(dir.path());
-    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &["--hash-every-steps", "2"]);
-    let _workers = start_workers(
-        &roots,
-        &coordinator,
-        &["worker-a", "worker-b", "worker-c"],
-        &[],
-    );
-    wait_idle(&coordinator, 3);
+    let (_dir, roots, coordinator, _workers) = service(&["--hash-every-steps", "2"], &THREE, &[]);
     let seen = RefCell::new(Vec::new());
     runtime().block_on(async {
         let mut jobs = coordinator.jobs().await;
@@ -279,17 +164,12 @@ fn a_worker_registering_mid_job_joins_with_the_state_and_a_matching_hash() {
 
 #[test]
 fn a_stopped_member_is_evicted_and_after_sigcont_waits_as_a_spare() {
-    let dir = tempfile::tempdir().unwrap();
-    let roots = Roots::new(dir.path());
     // Joins only after a minute: the woken worker stays a spare for the rest of the job.
-    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &["--join-cooldown-ms", "60000"]);
-    let workers = start_workers(
-        &roots,
-        &coordinator,
-        &["worker-a", "worker-b", "worker-c"],
+    let (_dir, roots, coordinator, workers) = service(
+        &["--join-cooldown-ms", "60000"],
+        &THREE,
         &["--collective-timeout-ms", "2000"],
     );
-    wait_idle(&coordinator, 3);
     let seen = RefCell::new(Vec::new());
     let victim = runtime().block_on(async {
         let mut jobs = coordinator.jobs().await;
@@ -338,16 +218,7 @@ fn a_stopped_member_is_evicted_and_after_sigcont_waits_as_a_spare() {
 
 #[test]
 fn with_every_worker_killed_the_job_restarts_from_its_checkpoint_and_ends_as_undisturbed() {
-    let dir = tempfile::tempdir().unwrap();
-    let roots = Roots::new(dir.path());
-    let coordinator = Coordinator::start(&roots, "127.0.0.1:0", &[]);
-    let mut first = start_workers(
-        &roots,
-        &coordinator,
-        &["worker-a", "worker-b", "worker-c"],
-        &[],
-    );
-    wait_idle(&coordinator, 3);
+    let (_dir, roots, coordinator, mut first) = service(&[], &THREE, &[]);
     let seen = RefCell::new(Vec::new());
     runtime().block_on(async {
         let mut jobs = coordinator.jobs().await;
@@ -479,17 +350,12 @@ fn wait_log(w: &Worker, text: &str) {
 
 #[test]
 fn workers_stop_after_the_coordinator_grace_and_resume_from_their_replicas() {
-    let dir = tempfile::tempdir().unwrap();
-    let roots = Roots::new(dir.path());
-    let mut coordinator = Coordinator::start(&roots, "127.0.0.1:0", &[]);
-    let addr = coordinator.addr.clone();
-    let workers = start_workers(
-        &roots,
-        &coordinator,
+    let (_dir, roots, mut coordinator, workers) = service(
+        &[],
         &["worker-a", "worker-b"],
         &["--coordinator-grace-ms", "1500"],
     );
-    wait_idle(&coordinator, 2);
+    let addr = coordinator.addr.clone();
     let rt = runtime();
     let job_id = rt.block_on(async {
         let mut jobs = coordinator.jobs().await;

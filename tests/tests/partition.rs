@@ -16,103 +16,22 @@
 //! says so on stderr and passes.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use protodino_proto::v1::{Job, JobState, Recovery};
+use protodino_proto::v1::JobState;
 use protodino_tests::cluster::{
-    Coordinator, JobClient, Roots, Worker, audit_exactly_once, job_dir, load_f32, spec, state,
-    submit, wait_for, worst_relative, worst_relative_l2,
+    Coordinator, Roots, Worker, audit_exactly_once, job_dir, load_f32, state, submit, wait_for,
+};
+use protodino_tests::faults::{
+    BATCH, STEPS, assert_equal_to_undisturbed, failures, finish, job_spec, print_recoveries,
+    process_of,
 };
 use protodino_tests::netns::Net;
-use protodino_tests::scenario::{
-    BASE, MINUTES, runtime, single_process, step_of, wait_idle, without_key_bias,
-};
+use protodino_tests::scenario::{MINUTES, runtime, step_of, wait_idle};
 
-/// The fault scenarios' recipe (`tests/tests/fault.rs`): 6 + 5 + 5 samples at world 3, 8 + 8 at
-/// world 2.
-const BATCH: i32 = 16;
-const STEPS: i64 = 20;
-/// As in `fault.rs`: a disturbed run against the undisturbed one, per tensor, in norm and per
-/// element relative to the tensor's largest element.
-const TOLERANCE_L2: f64 = 1e-5;
-const TOLERANCE_MAX: f64 = 5e-5;
 const WORKERS: usize = 3;
 /// Rank of the member cut off (not rank 0, the checkpoint writer and state source).
 const VICTIM_RANK: usize = 1;
-
-/// The undisturbed run, trained once per test binary.
-fn reference() -> &'static BTreeMap<String, Vec<f32>> {
-    static REFERENCE: OnceLock<BTreeMap<String, Vec<f32>>> = OnceLock::new();
-    REFERENCE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        single_process(dir.path(), "", BATCH as usize, STEPS as usize)
-    })
-}
-
-/// The job's final checkpoint against the undisturbed run.
-fn assert_equal_to_undisturbed(roots: &Roots, job: &Job) {
-    let path = job_dir(roots, job).join(format!("checkpoint-{STEPS:08}.safetensors"));
-    let got = without_key_bias(load_f32(&path));
-    let (l2, l2_name) = worst_relative_l2(reference(), &got);
-    let (worst, name) = worst_relative(reference(), &got);
-    eprintln!(
-        "{}: against the undisturbed run, worst relative difference in norm {l2:.3e} \
-         ({l2_name}), per element {worst:.3e} ({name})",
-        job.job_id
-    );
-    assert!(l2 < TOLERANCE_L2, "{l2_name} differs by {l2:e} in norm");
-    assert!(worst < TOLERANCE_MAX, "{name} differs by {worst:e}");
-}
-
-/// The failure recoveries of a job (joins left out).
-fn failures(job: &Job) -> Vec<&Recovery> {
-    job.recoveries
-        .iter()
-        .filter(|r| r.reason != "joined")
-        .collect()
-}
-
-fn print_recoveries(job: &Job) {
-    for r in &job.recoveries {
-        eprintln!(
-            "{}: recovery {} epoch {} → {} ({} → {} members) from {} at step {}, {} step(s) \
-             redone, {:.2} s: {}",
-            job.job_id,
-            r.reason,
-            r.epoch_before,
-            r.epoch_after,
-            r.members_before.len(),
-            r.members_after.len(),
-            r.resumed_from,
-            r.resume_step,
-            r.steps_redone,
-            r.seconds,
-            r.detail
-        );
-    }
-}
-
-/// The index in `workers` of the process with coordinator id `id`.
-fn process_of(workers: &[Worker], id: &str) -> usize {
-    workers
-        .iter()
-        .position(|w| w.worker_id() == id)
-        .unwrap_or_else(|| panic!("no worker process registered as {id}"))
-}
-
-/// Follows the job to SUCCEEDED, recording every state it passed through.
-async fn finish(jobs: &mut JobClient, id: &str, seen: &RefCell<Vec<JobState>>) -> Job {
-    wait_for(jobs, id, 5 * MINUTES, "success", |j| {
-        let s = state(j);
-        if seen.borrow().last() != Some(&s) {
-            seen.borrow_mut().push(s);
-        }
-        s == JobState::Succeeded
-    })
-    .await
-}
 
 /// Waits until `worker`'s log satisfies `done` (polled; a panic with the log at the deadline).
 async fn wait_for_log(worker: &Worker, what: &str, timeout: Duration, done: impl Fn(&str) -> bool) {
@@ -225,9 +144,7 @@ fn scenario(net: &Net, roots: &Roots, coordinator: &Coordinator, workers: &[Work
     let seen = RefCell::new(Vec::new());
     let (cut, done) = runtime().block_on(async {
         let mut jobs = coordinator.jobs().await;
-        let mut s = spec(BASE, WORKERS as i32, BATCH, STEPS);
-        s.min_world_size = Some(2);
-        let job = submit(&mut jobs, s).await;
+        let job = submit(&mut jobs, job_spec(2, WORKERS as i32)).await;
         let first = wait_for(&mut jobs, &job.job_id, 3 * MINUTES, "step 1", |j| {
             state(j) == JobState::Running && step_of(j) >= 1
         })

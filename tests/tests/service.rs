@@ -16,6 +16,7 @@ use protodino_tests::cluster::{
     Coordinator, Roots, Worker, audit_exactly_once, get, job_dir, load_f32, read_jsonl, spec,
     state, submit, wait_for, worst_relative,
 };
+use protodino_tests::faults::assert_listed_checkpoints_load;
 use protodino_tests::scenario::{
     BASE, MINUTES, is_state, runtime, single_process, without_key_bias,
 };
@@ -67,17 +68,7 @@ fn two_workers_train_a_job_equal_to_one_process_and_use_each_sample_once() {
             "{:?}",
             done.checkpoints
         );
-        for c in &done.checkpoints {
-            let path = roots.checkpoint_root.join(&c.uri);
-            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            use sha2::Digest;
-            assert_eq!(
-                hex::encode(sha2::Sha256::digest(&bytes)),
-                c.sha256,
-                "{}",
-                c.uri
-            );
-        }
+        assert_listed_checkpoints_load(&roots, &done);
 
         // The same recipe in one process with the global batch.
         let single = single_process(dir.path(), "", 16, 20);

@@ -119,6 +119,9 @@ pub struct Changes {
     pub notes: Vec<Note>,
     /// Recoveries that closed (the new group's first commit): logged and counted.
     pub recovered: Vec<(String, Recovery)>,
+    /// The operation ended with a scheduling pass of its own (registering, idle heartbeats):
+    /// the caller's pass after it would decide nothing new.
+    pub scheduled: bool,
 }
 
 impl Changes {

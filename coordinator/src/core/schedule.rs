@@ -122,6 +122,7 @@ impl Core {
         if blocked_by.is_none() {
             self.grow(now, ch)?;
         }
+        ch.scheduled = true;
         Ok(())
     }
 

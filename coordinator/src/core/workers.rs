@@ -282,6 +282,8 @@ impl Core {
                 id,
                 format!("its assignment to epoch {epoch} of {job_id} lapsed with the group"),
             );
+            // The stopped group may end now: the caller's scheduling pass decides it.
+            ch.scheduled = false;
             return Ok(respond(Action::KeepGoing(true)));
         };
         w.state = WorkerState::Assigned {

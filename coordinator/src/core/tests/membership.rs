@@ -142,6 +142,18 @@ fn a_lost_member_regroups_the_survivor_with_an_idle_worker() {
     assert_eq!(snap.recoveries.by_reason["heartbeat_expired"], 1);
 }
 
+/// `w-a` and `w-b` keep training (heartbeats at 6 s and 11 s) while `w-c` is silent; the tick
+/// at 11 s loses it.
+fn silence_w_c(w: &mut World, e: i64) {
+    for t in [6_000, 11_000] {
+        w.at(t);
+        for m in ["w-a", "w-b"] {
+            w.training(m, "job-a", e).unwrap();
+        }
+    }
+    tick(w);
+}
+
 /// Three members at step 1 of `job-a` (max world `max`), with `w-a`, `w-b`, `w-c`.
 fn running_three(w: &mut World, max: i32) -> i64 {
     for n in ["a", "b", "c"] {
@@ -196,15 +208,7 @@ fn a_worker_that_registers_mid_job_joins_at_the_next_step_boundary() {
 fn joins_wait_out_the_cooldown_after_a_failure() {
     let mut w = World::new();
     let e = running_three(&mut w, 3);
-    w.at(6_000);
-    for m in ["w-a", "w-b"] {
-        w.training(m, "job-a", e).unwrap();
-    }
-    w.at(11_000);
-    for m in ["w-a", "w-b"] {
-        w.training(m, "job-a", e).unwrap();
-    }
-    tick(&mut w);
+    silence_w_c(&mut w, e);
     assert_eq!(w.worker_state("w-c"), "lost");
     for m in ["w-a", "w-b"] {
         w.idle(m, "job-a", e, 1, &[9]).unwrap();
@@ -507,15 +511,7 @@ fn survivors_past_the_watermark_resume_from_their_step_and_commit_it() {
     w.report("w-a", "job-a", e, 2, &[]).unwrap();
     w.report("w-b", "job-a", e, 2, &[]).unwrap();
     assert_eq!(w.watermark("job-a"), 1);
-    w.at(6_000);
-    for m in ["w-a", "w-b"] {
-        w.training(m, "job-a", e).unwrap();
-    }
-    w.at(11_000);
-    for m in ["w-a", "w-b"] {
-        w.training(m, "job-a", e).unwrap();
-    }
-    tick(&mut w);
+    silence_w_c(&mut w, e);
     assert_eq!(w.state("job-a"), JobState::Recovering);
     for m in ["w-a", "w-b"] {
         w.idle(m, "job-a", e, 2, &[7]).unwrap();
