@@ -1,7 +1,8 @@
 //! Bearer-token authentication as a tonic interceptor. The coordinator runs two: the job token
 //! guards `JobService`, the join token guards `WorkerService`, so a user's token cannot join a
 //! worker to the pool and a worker's cannot submit or cancel jobs. Tokens come from a file or
-//! the environment (a Kubernetes Secret in the chart); comparison is constant-time.
+//! the environment (a Kubernetes Secret in the chart); comparison is constant-time. With mutual
+//! TLS, [`require_client_cert`] guards `WorkerService` as well.
 
 use std::sync::Arc;
 
@@ -44,6 +45,23 @@ impl BearerAuth {
     }
 }
 
+/// With mutual TLS on (`--tls-client-ca`), a `WorkerService` call must come over a connection
+/// whose client presented a certificate. rustls already checked in the handshake that a presented
+/// certificate is signed by the client CA; presenting none is allowed there so that job-API users
+/// connect with the server's CA alone, and is refused here.
+pub fn require_client_cert<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.peer_certs() {
+        Some(certs) if !certs.is_empty() => Ok(()),
+        _ => Err(Error::Unauthenticated(
+            "the worker API needs a client certificate (mutual TLS): this connection presented \
+             none; give the worker --tls-cert and --tls-key signed by the coordinator's \
+             --tls-client-ca"
+                .into(),
+        )
+        .into()),
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -72,6 +90,17 @@ mod tests {
         assert_eq!(
             auth.check(Request::new(())).unwrap_err().code(),
             tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn a_connection_without_a_client_certificate_is_refused() {
+        let e = require_client_cert(&Request::new(())).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(
+            e.message().contains("client certificate"),
+            "{}",
+            e.message()
         );
     }
 }

@@ -13,7 +13,8 @@
 //! - [`error`]: the crate's error enum and its one mapping to gRPC status codes;
 //! - [`auth`]: bearer-token interceptors (job token, join token);
 //! - [`metrics`]: `/metrics` for Prometheus, from memory;
-//! - [`server`]: wires the services, health, reflection and metrics, with one shutdown.
+//! - [`server`]: wires the services, health, reflection and metrics, with one shutdown;
+//! - [`tls`]: optional TLS on the gRPC listener, mutual TLS for workers.
 
 pub mod api;
 pub mod auth;
@@ -23,4 +24,5 @@ pub mod metrics;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod validation;

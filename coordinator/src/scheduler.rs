@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use protodino_proto::v1::Job;
 use tokio::sync::{Mutex, broadcast, watch};
 
-use crate::core::{Changes, Core, CoreConfig, Secrets, Snapshot};
+use crate::core::{Changes, Core, CoreConfig, RETAIN_FINISHED, Secrets, Snapshot, job_fsm};
 use crate::error::Error;
 use crate::store::{Batch, LedgerRecord, Store};
 
@@ -32,6 +32,8 @@ pub struct Scheduler {
     store: Arc<Store>,
     updates: broadcast::Sender<Job>,
     failed: watch::Sender<Option<String>>,
+    /// What the API layer counts for `/metrics` (outside the core's lock).
+    api_counts: crate::metrics::ApiCounts,
 }
 
 /// A group secret from the operating system's generator.
@@ -39,6 +41,27 @@ fn os_secret() -> Result<[u8; 32], String> {
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).map_err(|e| e.to_string())?;
     Ok(b)
+}
+
+/// Logs a decision with its subject as a structured field: `job_id` for a job, `worker` (and
+/// `worker_name`, plus the `job_id` and `membership_epoch` of the session it now belongs to)
+/// for a worker.
+fn log_note(core: &Core, n: &crate::core::Note) {
+    if core.job(&n.subject).is_some() {
+        tracing::info!(job_id = %n.subject, "{}", n.text);
+    } else if let Some(w) = core.pool().get(&n.subject) {
+        let session = w.state.session();
+        tracing::info!(
+            worker = %n.subject,
+            worker_name = %w.name,
+            job_id = session.map(|(job, _)| job),
+            membership_epoch = session.map(|(_, epoch)| epoch),
+            "{}",
+            n.text
+        );
+    } else {
+        tracing::info!(subject = %n.subject, "{}", n.text);
+    }
 }
 
 pub fn timestamp_now() -> prost_types::Timestamp {
@@ -50,7 +73,7 @@ impl Scheduler {
     /// members can re-attach).
     pub async fn open(store: Arc<Store>, cfg: CoreConfig) -> Result<Arc<Self>, Error> {
         let s = store.clone();
-        let loaded = tokio::task::spawn_blocking(move || s.load())
+        let loaded = tokio::task::spawn_blocking(move || s.load(RETAIN_FINISHED))
             .await
             .map_err(|e| Error::Internal(format!("loading the store: {e}")))??;
         let mut ch = Changes::default();
@@ -59,6 +82,7 @@ impl Scheduler {
             Instant::now(),
             loaded.jobs,
             loaded.idempotency,
+            loaded.history,
             &mut ch,
         );
         let (updates, _) = broadcast::channel(1024);
@@ -68,6 +92,7 @@ impl Scheduler {
             store,
             updates,
             failed,
+            api_counts: Default::default(),
         });
         {
             let mut core = scheduler.core.lock().await;
@@ -108,16 +133,90 @@ impl Scheduler {
         f(&*self.core.lock().await)
     }
 
+    /// A blocking read of the store, off the runtime's threads.
+    async fn read_store<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<R, crate::store::StoreError> + Send + 'static,
+    ) -> Result<R, Error> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Error::Internal(format!("reading the store: {e}")))?
+            .map_err(|e| Error::Store(e.to_string()))
+    }
+
+    /// A job as it is now: from memory, or from the store once it has finished and left
+    /// memory (every change is in the store before it is answered, so both agree).
+    pub async fn job(&self, id: &str) -> Result<Job, Error> {
+        match self
+            .read(|core| core.lookup(id).map(|e| e.record.clone()))
+            .await
+        {
+            Err(Error::NotFound(why)) => {
+                let key = id.to_string();
+                self.read_store(move |s| s.get(&key))
+                    .await?
+                    .ok_or(Error::NotFound(why))
+            }
+            other => other,
+        }
+    }
+
+    /// The job that an earlier submission of `spec` created (see [`Core::resubmitted`]),
+    /// looked up in the store too when its job has left memory.
+    pub async fn resubmitted(
+        &self,
+        spec: &protodino_proto::v1::JobSpec,
+    ) -> Result<Option<Job>, Error> {
+        let in_memory = self
+            .read(|core| core.resubmitted(spec).map(|e| e.map(|e| e.record.clone())))
+            .await?;
+        if in_memory.is_some() || spec.idempotency_key.is_empty() {
+            return Ok(in_memory);
+        }
+        let key = spec.idempotency_key.clone();
+        let Some(first) = self.read_store(move |s| s.job_of_key(&key)).await? else {
+            return Ok(None);
+        };
+        crate::core::same_submission(&first, spec)?;
+        Ok(Some(first))
+    }
+
+    /// A page of jobs in id order, from the store (which holds every job, finished or not).
+    pub async fn list(&self, state: i32, after: &str, limit: usize) -> Result<Vec<Job>, Error> {
+        let after = after.to_string();
+        self.read_store(move |s| s.list(state, &after, limit)).await
+    }
+
     /// The current job and a receiver of every later change. Both are taken under the lock
-    /// that every broadcast happens under, so no change falls between them.
+    /// that every broadcast happens under, so no change falls between them. A job that left
+    /// memory is final: it comes from the store, and no change follows.
     pub async fn watch(&self, id: &str) -> Result<(Job, broadcast::Receiver<Job>), Error> {
-        let core = self.core.lock().await;
-        let rx = self.updates.subscribe();
-        Ok((core.lookup(id)?.record.clone(), rx))
+        {
+            let core = self.core.lock().await;
+            let rx = self.updates.subscribe();
+            match core.lookup(id) {
+                Ok(e) => return Ok((e.record.clone(), rx)),
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let job = self.job(id).await?;
+        if !job_fsm::is_final(job_fsm::state_of(&job)) {
+            return Err(Error::Internal(format!(
+                "job {id} is not final but not in memory"
+            )));
+        }
+        Ok((job, self.updates.subscribe()))
     }
 
     pub async fn snapshot(&self) -> Snapshot {
         self.core.lock().await.snapshot()
+    }
+
+    /// The API layer's counters (submissions by result, refused tokens).
+    pub fn api_counts(&self) -> &crate::metrics::ApiCounts {
+        &self.api_counts
     }
 
     /// Resolves with the reason once a store write failed.
@@ -146,7 +245,7 @@ impl Scheduler {
     /// Log the decisions, write the durable changes in one transaction, then tell watchers.
     async fn commit(&self, core: &mut Core, ch: Changes) -> Result<(), Error> {
         for n in &ch.notes {
-            tracing::info!(subject = %n.subject, "{}", n.text);
+            log_note(core, n);
         }
         for (job_id, r) in &ch.recovered {
             tracing::info!(
@@ -207,6 +306,8 @@ impl Scheduler {
                     // No receiver is fine: nobody watches.
                     let _ = self.updates.send(job);
                 }
+                // Finished jobs beyond the retained ones are now safely in the store.
+                core.retire();
                 Ok(())
             }
             Err(why) => {

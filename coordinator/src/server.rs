@@ -1,8 +1,8 @@
 //! Wiring: the store, the scheduler and its tick loop, `JobService` behind the job token,
 //! `WorkerService` behind the join token, `grpc.health.v1.Health`, server reflection v1 and
-//! v1alpha (grpcurl 1.8 speaks only v1alpha) on one listener, and `/metrics` on another. One
-//! shutdown for all: the caller's signal, or a failed store write (the process must restart
-//! from the store, see `scheduler.rs`).
+//! v1alpha (grpcurl 1.8 speaks only v1alpha) on one listener (optionally TLS, see `tls.rs`), and
+//! `/metrics` on another. One shutdown for all: the caller's signal, or a failed store write (the
+//! process must restart from the store, see `scheduler.rs`).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -19,6 +19,7 @@ use crate::auth::BearerAuth;
 use crate::core::CoreConfig;
 use crate::scheduler::Scheduler;
 use crate::store::Store;
+use crate::tls::ServerTls;
 
 pub struct ServerConfig {
     pub store_path: PathBuf,
@@ -36,6 +37,8 @@ pub struct ServerConfig {
     pub hash_every_steps: i64,
     pub join_cooldown: Duration,
     pub stop_grace: Duration,
+    /// TLS on the gRPC listener (`None`: plaintext).
+    pub tls: Option<ServerTls>,
 }
 
 /// Serve gRPC on `listener` and `/metrics` on `metrics_listener` until `shutdown` resolves
@@ -83,15 +86,26 @@ pub async fn serve(
         cfg.max_workers,
     );
     let job_auth = BearerAuth::new(&cfg.job_token, "job token");
-    let job_service = JobServiceServer::with_interceptor(jobs, move |req| job_auth.check(req));
+    let counts = scheduler.clone();
+    let job_service = JobServiceServer::with_interceptor(jobs, move |req| {
+        let refused = |_: &_| counts.api_counts().unauthenticated("job");
+        job_auth.check(req).inspect_err(refused)
+    });
     let workers = WorkersApi::new(
         scheduler.clone(),
         cfg.heartbeat_interval,
         cfg.heartbeat_timeout,
     );
     let join_auth = BearerAuth::new(&cfg.join_token, "join token");
-    let worker_service =
-        WorkerServiceServer::with_interceptor(workers, move |req| join_auth.check(req));
+    let mutual_tls = cfg.tls.as_ref().is_some_and(|t| t.mutual);
+    let counts = scheduler.clone();
+    let worker_service = WorkerServiceServer::with_interceptor(workers, move |req| {
+        if mutual_tls {
+            crate::auth::require_client_cert(&req)?;
+        }
+        let refused = |_: &_| counts.api_counts().unauthenticated("worker");
+        join_auth.check(req).inspect_err(refused)
+    });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<JobsApi>>().await;
@@ -128,7 +142,20 @@ pub async fn serve(
         };
         let _ = stop_tx.send(why);
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        builder = builder.tls_config(tls.config.clone())?;
+        tracing::info!(
+            mutual = tls.mutual,
+            "TLS on the gRPC listener{}",
+            if tls.mutual {
+                "; the worker API needs a client certificate"
+            } else {
+                ""
+            }
+        );
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

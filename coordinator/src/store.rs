@@ -11,13 +11,15 @@
 //! write transaction, so a coordinator killed with `-9` at any point restarts with every change
 //! it acknowledged and none half-written. [`Store::load`] reads it all back at start-up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 
 use prost::Message;
 use protodino_proto::v1::{Job, Progress};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::core::History;
+use crate::core::job_fsm;
 use crate::core::ledger::{Ledger, Membership, PendingReport, Phase, Plan};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
@@ -224,18 +226,29 @@ pub struct Batch {
 /// What [`Store::load`] found.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// Jobs in id order with their ledgers (none for a job stored by an older coordinator).
+    /// The unfinished jobs and the newest finished ones, in id order, with their ledgers
+    /// (none for a job stored by an older coordinator).
     pub jobs: Vec<(Job, Option<Ledger>)>,
+    /// The idempotency keys of those jobs.
     pub idempotency: HashMap<String, String>,
+    /// The figures of the other finished jobs.
+    pub history: History,
 }
 
 pub struct Store {
     db: Database,
 }
 
+/// redb's page cache. Its default (1 GiB) would let the coordinator's memory grow with the
+/// store file for as long as it runs; the hot pages are few (the unfinished jobs' records and
+/// ledgers, written again and again), and finished jobs are read rarely.
+pub const CACHE_BYTES: usize = 4 << 20;
+
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)?;
         let tx = db.begin_write()?;
         tx.open_table(JOBS)?;
         tx.open_table(LEDGERS)?;
@@ -276,13 +289,55 @@ impl Store {
         }
     }
 
-    /// Everything, for the start-up.
-    pub fn load(&self) -> Result<Loaded, StoreError> {
+    /// The job that idempotency key `key` names, if any.
+    pub fn job_of_key(&self, key: &str) -> Result<Option<Job>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let keys = tx.open_table(IDEMPOTENCY)?;
+        let Some(id) = keys.get(key)?.map(|v| v.value().to_string()) else {
+            return Ok(None);
+        };
+        let jobs = tx.open_table(JOBS)?;
+        match jobs.get(id.as_str())? {
+            Some(v) => Job::decode(v.value())
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt(id)),
+            None => Ok(None),
+        }
+    }
+
+    /// At most `limit` jobs with ids after `after` (all when empty), in id order, in state
+    /// `state` (any when 0). Reads only as far as the page needs.
+    pub fn list(&self, state: i32, after: &str, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let jobs = tx.open_table(JOBS)?;
+        let mut out = Vec::new();
+        for row in jobs.range(after..)? {
+            if out.len() == limit {
+                break;
+            }
+            let (k, v) = row?;
+            let id = k.value();
+            if id == after {
+                continue;
+            }
+            let job = Job::decode(v.value()).map_err(|_| StoreError::Corrupt(id.into()))?;
+            if state == 0 || job.state == state {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the start-up needs: every unfinished job and the newest `retain_finished`
+    /// finished ones with their ledgers and keys; the figures of the other finished jobs.
+    pub fn load(&self, retain_finished: usize) -> Result<Loaded, StoreError> {
         let tx = self.db.begin_read()?;
         let jobs = tx.open_table(JOBS)?;
         let ledgers = tx.open_table(LEDGERS)?;
         let keys = tx.open_table(IDEMPOTENCY)?;
         let mut out = Loaded::default();
+        // The newest finished jobs seen so far.
+        let mut finished: VecDeque<(Job, Option<Ledger>)> = VecDeque::new();
         for row in jobs.iter()? {
             let (k, v) = row?;
             let id = k.value();
@@ -295,12 +350,27 @@ impl Store {
                 ),
                 None => None,
             };
-            out.jobs.push((job, ledger));
+            if !job_fsm::is_final(job_fsm::state_of(&job)) {
+                out.jobs.push((job, ledger));
+                continue;
+            }
+            finished.push_back((job, ledger));
+            if finished.len() > retain_finished
+                && let Some((job, ledger)) = finished.pop_front()
+            {
+                out.history
+                    .add(&job, ledger.map_or(0, |l| l.committed_step));
+            }
         }
+        out.jobs.extend(finished);
+        out.jobs.sort_by(|a, b| a.0.job_id.cmp(&b.0.job_id));
+        let ids: HashSet<&str> = out.jobs.iter().map(|(j, _)| j.job_id.as_str()).collect();
         for row in keys.iter()? {
             let (k, v) = row?;
-            out.idempotency
-                .insert(k.value().to_string(), v.value().to_string());
+            if ids.contains(v.value()) {
+                out.idempotency
+                    .insert(k.value().to_string(), v.value().to_string());
+            }
         }
         Ok(out)
     }
@@ -309,6 +379,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protodino_proto::v1::JobState;
 
     #[test]
     fn jobs_and_ledgers_survive_reopening() {
@@ -361,13 +432,53 @@ mod tests {
         let s = Store::open(&path).unwrap();
         assert_eq!(s.get("j1").unwrap().unwrap().message, "hello");
         assert!(s.get("nope").unwrap().is_none());
-        let loaded = s.load().unwrap();
+        let loaded = s.load(10).unwrap();
         assert_eq!(
             loaded.idempotency.get("key-1").map(String::as_str),
             Some("j1")
         );
         assert_eq!(loaded.jobs.len(), 1);
         assert_eq!(loaded.jobs[0].1.as_ref(), Some(&ledger));
+    }
+
+    #[test]
+    fn the_start_up_loads_unfinished_and_newest_finished_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("store.redb")).unwrap();
+        let job = |i: usize, state: JobState| Job {
+            job_id: format!("j{i}"),
+            state: state as i32,
+            ..Default::default()
+        };
+        let mut batch = Batch::default();
+        for i in 0..6 {
+            let state = if i == 1 {
+                JobState::Running
+            } else {
+                JobState::Succeeded
+            };
+            batch.jobs.push(job(i, state));
+            batch.idempotency.push((format!("k{i}"), format!("j{i}")));
+        }
+        s.write(&batch).unwrap();
+        let loaded = s.load(2).unwrap();
+        let ids: Vec<_> = loaded.jobs.iter().map(|(j, _)| j.job_id.as_str()).collect();
+        assert_eq!(ids, ["j1", "j4", "j5"]);
+        assert_eq!(loaded.history.count(JobState::Succeeded), 3);
+        let mut keys: Vec<_> = loaded.idempotency.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["k1", "k4", "k5"]);
+        assert_eq!(s.job_of_key("k0").unwrap().unwrap().job_id, "j0");
+        assert!(s.job_of_key("nope").unwrap().is_none());
+        let page: Vec<_> = s
+            .list(0, "j2", 2)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.job_id)
+            .collect();
+        assert_eq!(page, ["j3", "j4"]);
+        let running = s.list(JobState::Running as i32, "", 10).unwrap();
+        assert_eq!(running.len(), 1);
     }
 
     #[test]

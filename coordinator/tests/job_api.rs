@@ -260,7 +260,8 @@ async fn a_killed_coordinator_loses_no_job() {
     assert_eq!(job.state, JobState::Queued as i32);
 }
 
-/// `/metrics` speaks OpenMetrics with the `protodino_` prefix and counts jobs by state.
+/// `/metrics` has the `protodino_` prefix and counts jobs by state; a scrape that does not ask
+/// for OpenMetrics gets the classic text format (counter families named after their samples).
 #[tokio::test]
 async fn metrics_count_jobs_by_state() {
     let dir = tempfile::tempdir().unwrap();
@@ -281,5 +282,124 @@ async fn metrics_count_jobs_by_state() {
         "{body}"
     );
     assert!(body.contains("protodino_build_info{version="), "{body}");
-    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    assert!(
+        body.contains("# TYPE protodino_committed_steps_total counter\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("protodino_job_submissions_total{result=\"accepted\"} 1"),
+        "{body}"
+    );
+    assert!(!body.contains("# EOF"), "{body}");
+}
+
+/// Finished jobs leave the coordinator's memory (all but the newest
+/// `RETAIN_FINISHED`), and nothing of the API notices: `GetJob`, `WatchJob`, `ListJobs`,
+/// idempotency keys and `/metrics` answer for every job, before and after a restart.
+#[tokio::test]
+async fn finished_jobs_leave_memory_but_not_the_api() {
+    use protodino_coordinator::core::RETAIN_FINISHED;
+    let dir = tempfile::tempdir().unwrap();
+    tiny_dataset(dir.path());
+    let store = dir.path().join("s.redb");
+    let n = RETAIN_FINISHED + 20;
+    let keyed = |i: usize| JobSpec {
+        idempotency_key: format!("key-{i}"),
+        ..demo_spec()
+    };
+    let mut ids = Vec::new();
+    let c = Coordinator::start(&store, dir.path());
+    let mut jobs = c.jobs().await;
+    for i in 0..n {
+        let job = jobs
+            .submit_job(SubmitJobRequest {
+                spec: Some(keyed(i)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .job
+            .unwrap();
+        jobs.cancel_job(CancelJobRequest {
+            job_id: job.job_id.clone(),
+            reason: format!("number {i}"),
+        })
+        .await
+        .unwrap();
+        ids.push(job.job_id);
+    }
+    let check = |c: Coordinator, ids: Vec<String>| async move {
+        let mut jobs = c.jobs().await;
+        // The oldest jobs left memory first: they come from the store.
+        let first = jobs
+            .get_job(GetJobRequest {
+                job_id: ids[0].clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(first.state, JobState::Cancelled as i32);
+        assert_eq!(first.message, "cancelled: number 0");
+        let mut watch = jobs
+            .watch_job(WatchJobRequest {
+                job_id: ids[0].clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(watch.message().await.unwrap().unwrap().job.unwrap(), first);
+        assert!(watch.message().await.unwrap().is_none());
+        // Its key still names it; used with another spec it is ALREADY_EXISTS.
+        let again = jobs
+            .submit_job(SubmitJobRequest {
+                spec: Some(keyed(0)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .job
+            .unwrap();
+        assert_eq!(again.job_id, ids[0]);
+        let other = JobSpec {
+            epochs: Some(3),
+            ..keyed(0)
+        };
+        let e = jobs
+            .submit_job(SubmitJobRequest { spec: Some(other) })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+        // Every job is listed once, in order, page by page.
+        let mut listed = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = jobs
+                .list_jobs(ListJobsRequest {
+                    state: JobState::Cancelled as i32,
+                    page_size: 100,
+                    page_token: token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            listed.extend(page.jobs.into_iter().map(|j| j.job_id));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(listed, ids);
+        let body = http_get(&c.metrics_addr, "/metrics").await;
+        assert!(
+            body.contains(&format!(
+                "protodino_jobs{{state=\"cancelled\"}} {}",
+                ids.len()
+            )),
+            "{body}"
+        );
+    };
+    check(c, ids.clone()).await;
+    // The same from a restarted coordinator, which loads only the newest finished jobs.
+    let c = Coordinator::start(&store, dir.path());
+    check(c, ids).await;
 }

@@ -1,7 +1,9 @@
 //! The user side of the job API, beside grpcurl: `protodino submit | status | list | watch |
 //! cancel | checkpoints`. Each reads the coordinator address and the job token from flags or the
 //! environment (`PROTODINO_COORDINATOR`, `PROTODINO_JOB_TOKEN` / `PROTODINO_JOB_TOKEN_FILE`),
-//! prints for people by default and one JSON object per line with `--json`.
+//! prints for people by default and one JSON object per line with `--json`. An `https://`
+//! address speaks TLS, verified against `--tls-ca` (`PROTODINO_TLS_CA`); [`endpoint`] builds the
+//! connection for these commands and for the worker agent alike.
 //!
 //! `submit` sends a whole TOML configuration (`configs/*.toml` format) as `spec.config_toml`,
 //! layered by the coordinator over its preset (`--preset`, default `default`), so what a user
@@ -21,7 +23,94 @@ use protodino_proto::v1::{
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// TLS to the coordinator: used when its address is `https://`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// PEM CA certificate(s) that sign the coordinator's certificate; needed for an `https://`
+    /// coordinator address.
+    #[arg(long, env = "PROTODINO_TLS_CA", help_heading = "TLS")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (workers, when the coordinator has
+    /// --tls-client-ca); needs --tls-key.
+    #[arg(
+        long,
+        env = "PROTODINO_TLS_CERT",
+        requires = "tls_key",
+        help_heading = "TLS"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "PROTODINO_TLS_KEY",
+        requires = "tls_cert",
+        help_heading = "TLS"
+    )]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn any(&self) -> bool {
+        self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_key.is_some()
+    }
+}
+
+fn read_pem(path: &std::path::Path, flag: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{flag}: reading {}", path.display()))
+}
+
+/// The one place the `protodino` binary builds its connection to the coordinator: `url` is
+/// `http://HOST:PORT` (plaintext) or `https://HOST:PORT` (TLS: the server's certificate checked
+/// against `--tls-ca` and the host, and the client certificate presented when given). TLS flags
+/// with an `http://` address are an error, so that nothing meant to be encrypted goes out in the
+/// clear.
+pub fn endpoint(url: &str, tls: &TlsArgs) -> Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("--coordinator {url:?} is not a URL"))?;
+    let https = endpoint.uri().scheme_str() == Some("https");
+    if !https {
+        anyhow::ensure!(
+            !tls.any(),
+            "--tls-ca/--tls-cert/--tls-key are set but the coordinator address {url} is not \
+             https:// (TLS needs an https:// address)"
+        );
+        return Ok(endpoint);
+    }
+    let Some(ca) = &tls.tls_ca else {
+        bail!(
+            "the coordinator address {url} uses TLS: give --tls-ca (PROTODINO_TLS_CA), the CA \
+             certificate that signs the coordinator's certificate"
+        );
+    };
+    let mut config =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca, "--tls-ca")?));
+    if let (Some(cert), Some(key)) = (&tls.tls_cert, &tls.tls_key) {
+        config = config.identity(Identity::from_pem(
+            read_pem(cert, "--tls-cert")?,
+            read_pem(key, "--tls-key")?,
+        ));
+    }
+    endpoint
+        .tls_config(config)
+        .map_err(|e| anyhow::anyhow!("the TLS settings for {url}: {}", error_chain(&e)))
+}
+
+/// An error and its sources on one line (`transport error: …: invalid peer certificate: …`).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
 
 /// Where the coordinator is and how to authenticate.
 #[derive(Args, Clone)]
@@ -39,6 +128,8 @@ pub struct Conn {
     /// The job API token itself (prefer the file).
     #[arg(long, env = "PROTODINO_JOB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// One JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
@@ -134,12 +225,13 @@ impl Conn {
         let header: MetadataValue<_> = format!("Bearer {}", self.token()?)
             .parse()
             .context("the job token is not valid header text")?;
-        let channel = Channel::from_shared(self.coordinator.clone())
-            .with_context(|| format!("{:?} is not a URL", self.coordinator))?
+        let channel: Channel = endpoint(&self.coordinator, &self.tls)?
             .connect_timeout(Duration::from_secs(10))
             .connect()
             .await
-            .with_context(|| format!("connecting to {}", self.coordinator))?;
+            .map_err(|e| {
+                anyhow::anyhow!("connecting to {}: {}", self.coordinator, error_chain(&e))
+            })?;
         Ok(JobServiceClient::with_interceptor(channel, Bearer(header)))
     }
 }

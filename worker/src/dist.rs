@@ -328,6 +328,10 @@ impl Reducer for Dist {
         self.world
     }
 
+    fn transport(&self) -> &'static str {
+        Dist::transport(self)
+    }
+
     fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<(), DinoError> {
         self.reduce(tensors, ReduceOp::Sum)
     }

@@ -173,6 +173,10 @@ impl Reducer for NcclReducer {
         self.group.borrow().world()
     }
 
+    fn transport(&self) -> &'static str {
+        "nccl"
+    }
+
     fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<(), DinoError> {
         self.reduce(tensors, ReduceOp::Sum)
     }

@@ -1,14 +1,17 @@
 //! `protodino prototypes CHECKPOINT`: unique-prototype counts (greedy and connected components)
 //! over a list of ε and nearest-neighbour statistics of a checkpoint's prototype layer. Works on
-//! any safetensors file holding `<head>.head.last_layer.weight_v` (`weight_g` optional).
+//! any safetensors file holding `<head>.head.last_layer.weight_v` (`weight_g` optional). The
+//! counts use the normalised directions; the norms `‖w_k‖` are reported too — for a DINO-vMF
+//! head (trained `weight_g`) they set the concentrations `κ_k = ‖w_k‖/τ`.
 
 use std::path::Path;
 
 use anyhow::Result;
-use protodino_analysis::{Head, Prototypes, UniqueOptions, analyze_unique};
+use protodino_analysis::{Head, NormStats, Prototypes, UniqueOptions, analyze_unique};
 
 pub fn run(checkpoint: &Path, eps: Vec<f64>, head: Head, json: bool) -> Result<()> {
     let protos = Prototypes::load(checkpoint, head)?;
+    let norms = NormStats::of(&protos.norms)?;
     let analysis = analyze_unique(
         &protos.normalized,
         &UniqueOptions {
@@ -20,7 +23,12 @@ pub fn run(checkpoint: &Path, eps: Vec<f64>, head: Head, json: bool) -> Result<(
     if json {
         println!(
             "{}",
-            serde_json::json!({ "checkpoint": checkpoint, "source": protos.source, "report": r })
+            serde_json::json!({
+                "checkpoint": checkpoint,
+                "source": protos.source,
+                "norms": norms,
+                "report": r
+            })
         );
         return Ok(());
     }
@@ -32,6 +40,7 @@ pub fn run(checkpoint: &Path, eps: Vec<f64>, head: Head, json: bool) -> Result<(
         r.k,
         r.dim
     );
+    println!("{norms}");
     println!(
         "{:>8}  {:>14}  {:>22}",
         "eps", "unique (greedy)", "unique (conn. comp.)"

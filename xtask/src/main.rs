@@ -12,9 +12,11 @@ mod elf;
 mod libtorch;
 mod loadgen;
 mod plots;
+mod prometheus;
 mod pyref;
 mod study;
 mod tools;
+mod validators;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -86,6 +88,12 @@ enum Cmd {
     Loadgen(loadgen::LoadgenArgs),
     /// Provision the Python reference environment (torch 2.11.0, torchvision) and print its python.
     Pyref,
+    /// Provision the deployment validators (Helm SDK, kubernetes-validate, hadolint, yamllint,
+    /// the prometheus-operator CRD models) and print the environment variables the tests read.
+    Validators,
+    /// Provision promtool and the Prometheus server (Debian's package, unpacked into the cache)
+    /// and print the environment variables the metrics test reads.
+    Prometheus,
     /// Print the cache locations and sizes.
     Info,
 }
@@ -139,10 +147,14 @@ fn test(args: Vec<String>) -> Result<()> {
         "warnings",
     ]);
     run(clippy)?;
+    let prom = prometheus::ensure()?;
     let mut t = cargo();
     t.args(["test", "--workspace"])
         .args(&args)
-        .env(tools::GRPCURL_ENV, tools::grpcurl()?);
+        .env(tools::GRPCURL_ENV, tools::grpcurl()?)
+        .env(prometheus::PROMETHEUS_ENV, &prom.prometheus)
+        .env(prometheus::PROMTOOL_ENV, &prom.promtool)
+        .envs(validators::env()?);
     run(t)
 }
 
@@ -259,6 +271,16 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, only, out } => bench::bench(bench::BenchArgs { quick, only, out })?,
         Cmd::Loadgen(args) => loadgen::loadgen(args)?,
         Cmd::Pyref => println!("{}", pyref::ensure()?.display()),
+        Cmd::Validators => {
+            for (var, path) in validators::env()? {
+                println!("{var}={}", path.display());
+            }
+        }
+        Cmd::Prometheus => {
+            let b = prometheus::ensure()?;
+            println!("{}={}", prometheus::PROMETHEUS_ENV, b.prometheus.display());
+            println!("{}={}", prometheus::PROMTOOL_ENV, b.promtool.display());
+        }
         Cmd::Test { args } => test(args)?,
         Cmd::Demo {
             workers,

@@ -17,7 +17,8 @@ pub const REQUIREMENTS: &[&str] = &[
     "pillow",
     "numpy",
     "safetensors",
-    "scipy",
+    // Pinned: scripts/vmf_log_normaliser.py's fixture is SciPy's `ive` and `quad`.
+    "scipy==1.17.1",
     "scikit-learn",
     "pyinstrument",
 ];

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::core::{Ledger, NewJob, Plan, job_fsm};
 use crate::error::Error;
+use crate::metrics::Submission;
 use crate::scheduler::{Scheduler, timestamp_now};
 use crate::validation::{dataset_size, validate_spec};
 
@@ -49,52 +50,17 @@ impl JobsApi {
     /// The job as stored now: an operation's answer is read after its scheduling pass and its
     /// write, so it equals what `GetJob` returns next.
     async fn current(&self, id: &str) -> Result<Job, Error> {
-        self.scheduler
-            .read(|core| core.lookup(id).map(|e| e.record.clone()))
-            .await
+        self.scheduler.job(id).await
     }
-}
 
-/// Ids sort by creation time: milliseconds since the epoch, then random bits.
-fn new_job_id() -> String {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    format!(
-        "job-{ms:013x}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    )
-}
-
-fn is_final(job: &Job) -> bool {
-    job_fsm::is_final(job_fsm::state_of(job))
-}
-
-type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl JobService for JobsApi {
-    async fn submit_job(
-        &self,
-        req: Request<SubmitJobRequest>,
-    ) -> Result<Response<SubmitJobResponse>, Status> {
-        let spec = req
-            .into_inner()
-            .spec
-            .ok_or_else(|| Error::invalid("spec", "missing"))?;
+    /// A submission: the job it created (or, for a repeated idempotency key with the same spec,
+    /// the first job), and how it is counted.
+    async fn submit(&self, req: SubmitJobRequest) -> Result<(Job, Submission), Error> {
+        let spec = req.spec.ok_or_else(|| Error::invalid("spec", "missing"))?;
         // A repeated key is answered without re-opening the data set.
-        let earlier = self
-            .scheduler
-            .read(|core| {
-                core.resubmitted(&spec)
-                    .map(|e| e.map(|e| e.record.job_id.clone()))
-            })
-            .await?;
-        if let Some(id) = earlier {
-            return Ok(Response::new(SubmitJobResponse {
-                job: Some(self.current(&id).await?),
-            }));
+        if let Some(first) = self.scheduler.resubmitted(&spec).await? {
+            let job = self.current(&first.job_id).await?;
+            return Ok((job, Submission::Duplicate));
         }
         let (configs, data_root, max) = (
             self.configs_dir.clone(),
@@ -129,14 +95,59 @@ impl JobService for JobsApi {
         ledger.checkpoint_keep = cfg.train.checkpoint_keep.max(1) as usize;
         let resolved = serde_json::to_string(cfg)
             .map_err(|e| Error::Internal(format!("serialising the configuration: {e}")))?;
+        let new_id = job_id.clone();
         let new = NewJob::new(job_id, spec, resolved, ledger, timestamp_now());
         let id = self
             .scheduler
             .apply(move |core, _, _, ch| core.submit(new, ch).map(|j| j.job_id))
             .await?;
-        Ok(Response::new(SubmitJobResponse {
-            job: Some(self.current(&id).await?),
-        }))
+        // Two submissions racing with one key: the second is answered with the first job.
+        let result = if id == new_id {
+            Submission::Accepted
+        } else {
+            Submission::Duplicate
+        };
+        Ok((self.current(&id).await?, result))
+    }
+}
+
+/// Ids sort by creation time: milliseconds since the epoch, then random bits.
+fn new_job_id() -> String {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    format!(
+        "job-{ms:013x}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+fn is_final(job: &Job) -> bool {
+    job_fsm::is_final(job_fsm::state_of(job))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for JobsApi {
+    /// Every submission that passed authentication is counted by its result.
+    async fn submit_job(
+        &self,
+        req: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        let answer = self.submit(req.into_inner()).await;
+        let counts = self.scheduler.api_counts();
+        match answer {
+            Ok((job, result)) => {
+                counts.submission(result);
+                Ok(Response::new(SubmitJobResponse { job: Some(job) }))
+            }
+            Err(e) => {
+                counts.submission(Submission::of_error(&e));
+                Err(e.into())
+            }
+        }
     }
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
@@ -160,18 +171,10 @@ impl JobService for JobsApi {
         } else {
             r.page_size as usize
         };
-        let mut jobs: Vec<Job> = self
+        let mut jobs = self
             .scheduler
-            .read(|core| {
-                core.jobs()
-                    .map(|e| &e.record)
-                    .filter(|j| r.state == 0 || j.state == r.state)
-                    .filter(|j| r.page_token.is_empty() || j.job_id > r.page_token)
-                    .take(size + 1)
-                    .cloned()
-                    .collect()
-            })
-            .await;
+            .list(r.state, &r.page_token, size + 1)
+            .await?;
         let next = if jobs.len() > size {
             jobs[size - 1].job_id.clone()
         } else {

@@ -129,6 +129,7 @@ impl Core {
         entry.ledger.pending.clear();
         entry.ledger.release_caches();
         self.active.remove(id);
+        self.retained.push(id);
         ch.job(id);
         ch.ledger(id);
         ch.note(id, reason);

@@ -15,11 +15,13 @@
 //! - [`assign`]: the `Assignment` each member receives;
 //! - [`job_fsm`]: the job state machine (allowed transitions, each with a reason);
 //! - [`recovery`]: why a group regroups, and the recovery records (cost, seconds);
+//! - [`history`]: finished jobs leave memory; the figures kept of them;
 //! - `workers.rs`, `reports.rs`, `jobs.rs`, `schedule.rs`: the operations on [`Core`] (register
 //!   and heartbeats; step, checkpoint, failure and result reports; submit and cancel; forming
 //!   groups and ending them).
 
 pub mod assign;
+pub mod history;
 pub mod job_fsm;
 pub mod ledger;
 pub mod pool;
@@ -39,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use protodino_proto::v1::{Job, JobSpec, JobState, Recovery};
 
+pub use history::{History, RETAIN_FINISHED};
 pub use jobs::NewJob;
 pub use ledger::{Ledger, Membership, Phase, Plan};
 pub use pool::{Pool, Worker, WorkerState};
@@ -77,6 +80,8 @@ pub struct JobEntry {
     pub recovering_since: Option<Instant>,
     /// The last failure-driven regroup (joins wait `join_cooldown` after it).
     pub last_failure: Option<Instant>,
+    /// When the current group formed, until its first commit (`protodino_rendezvous_seconds`).
+    pub formed_at: Option<Instant>,
 }
 
 impl JobEntry {
@@ -86,6 +91,7 @@ impl JobEntry {
             ledger,
             recovering_since: None,
             last_failure: None,
+            formed_at: None,
         }
     }
 
@@ -150,6 +156,18 @@ impl Changes {
     }
 }
 
+/// `Ok` when `first`, the job that `spec`'s idempotency key names, was submitted with this
+/// very spec; `ALREADY_EXISTS` when the key was used for another.
+pub fn same_submission(first: &Job, spec: &JobSpec) -> Result<(), Error> {
+    if first.spec.as_ref() != Some(spec) {
+        return Err(Error::AlreadyExists(format!(
+            "idempotency key {:?} was used for job {} with a different spec",
+            spec.idempotency_key, first.job_id
+        )));
+    }
+    Ok(())
+}
+
 /// Counts for `/metrics`, taken from memory (a scrape never reads the store).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -157,6 +175,10 @@ pub struct Snapshot {
     pub workers_by_state: Vec<(&'static str, i64)>,
     /// Sum of every job's watermark: monotonic, and right after a restart too.
     pub committed_steps: u64,
+    /// Samples of those steps (each step's global batch), counted the same way.
+    pub committed_samples: u64,
+    /// Checkpoint records added to the catalogue since the start.
+    pub checkpoint_records: u64,
     pub replica_mismatches: u64,
     /// (job id, membership epoch, world size) of each non-final job.
     pub active: Vec<(String, i64, i64)>,
@@ -168,12 +190,20 @@ pub struct Snapshot {
 pub struct Core {
     cfg: CoreConfig,
     pool: Pool,
+    /// The jobs that are not final, and the most recently finished ones (see [`history`]).
     jobs: BTreeMap<String, JobEntry>,
     /// Ids of the jobs that are not final: what scheduling walks (the history of finished jobs
     /// must not make every heartbeat slower).
     active: BTreeSet<String>,
+    /// The finished jobs in `jobs`, in the order they ended.
+    retained: history::Retained,
+    /// Figures of the finished jobs no longer in memory.
+    history: History,
+    /// Idempotency keys of the jobs in memory (older keys are in the store).
     idempotency: HashMap<String, String>,
     recoveries: recovery::RecoveryStats,
+    /// Checkpoint records catalogued since the start (`/metrics`).
+    checkpoint_records: u64,
 }
 
 impl Core {
@@ -183,8 +213,11 @@ impl Core {
             pool: Pool::default(),
             jobs: BTreeMap::new(),
             active: BTreeSet::new(),
+            retained: history::Retained::default(),
+            history: History::default(),
             idempotency: HashMap::new(),
             recoveries: recovery::RecoveryStats::default(),
+            checkpoint_records: 0,
         }
     }
 
@@ -193,15 +226,24 @@ impl Core {
     /// (their heartbeats get `NOT_FOUND` until they register again with their session), and
     /// they expire like any silent worker if they never come back. A non-final job stored
     /// without a ledger (by a coordinator before the scheduler existed) cannot run and fails.
+    /// `jobs` are the unfinished jobs and the newest finished ones, `history` the figures of
+    /// the finished jobs left in the store.
     pub fn restore(
         cfg: CoreConfig,
         now: Instant,
         jobs: Vec<(Job, Option<Ledger>)>,
         idempotency: HashMap<String, String>,
+        history: History,
         ch: &mut Changes,
     ) -> Self {
         let mut core = Core::new(cfg);
         core.idempotency = idempotency;
+        for (reason, n) in &history.recoveries {
+            for _ in 0..*n {
+                core.recoveries.count(reason);
+            }
+        }
+        core.history = history;
         for (record, ledger) in jobs {
             let id = record.job_id.clone();
             let ledger =
@@ -234,12 +276,36 @@ impl Core {
             for r in &entry.record.recoveries {
                 core.recoveries.count(&r.reason);
             }
-            if !entry.is_final() {
+            if entry.is_final() {
+                core.retained.push(&id);
+            } else {
                 core.active.insert(id.clone());
             }
             core.jobs.insert(id, entry);
         }
         core
+    }
+
+    /// Drop from memory the finished jobs beyond the newest [`RETAIN_FINISHED`], folding their
+    /// figures into the history. The scheduler calls it once their records are in the store.
+    /// Returns how many left.
+    pub fn retire(&mut self) -> usize {
+        let gone = self.retained.overflow(RETAIN_FINISHED);
+        for id in &gone {
+            if let Some(e) = self.jobs.remove(id) {
+                self.history.add(&e.record, e.ledger.committed_step);
+                let key = e
+                    .record
+                    .spec
+                    .as_ref()
+                    .map(|s| s.idempotency_key.as_str())
+                    .unwrap_or_default();
+                if self.idempotency.get(key) == Some(id) {
+                    self.idempotency.remove(key);
+                }
+            }
+        }
+        gone.len()
     }
 
     pub fn config(&self) -> &CoreConfig {
@@ -260,8 +326,10 @@ impl Core {
             .ok_or_else(|| Error::NotFound(format!("no job {id:?}")))
     }
 
-    /// The job an earlier submission of `spec` created, by its idempotency key: `Some` when
-    /// the key was used for this very spec, `ALREADY_EXISTS` when it was used for another.
+    /// The job in memory that an earlier submission of `spec` created, by its idempotency key:
+    /// `Some` when the key was used for this very spec, `ALREADY_EXISTS` when it was used for
+    /// another. `None` also when the key's job has left memory: the caller asks the store
+    /// then, and checks what it finds with [`same_submission`].
     pub fn resubmitted(&self, spec: &JobSpec) -> Result<Option<&JobEntry>, Error> {
         let key = &spec.idempotency_key;
         let Some(id) = (!key.is_empty())
@@ -275,11 +343,7 @@ impl Core {
                 "idempotency key {key:?} names the missing job {id}"
             ))
         })?;
-        if first.record.spec.as_ref() != Some(spec) {
-            return Err(Error::AlreadyExists(format!(
-                "idempotency key {key:?} was used for job {id} with a different spec"
-            )));
-        }
+        same_submission(&first.record, spec)?;
         Ok(Some(first))
     }
 
@@ -298,14 +362,23 @@ impl Core {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let mut jobs_by_state: Vec<(JobState, i64)> =
-            job_fsm::ALL_STATES.iter().map(|s| (*s, 0)).collect();
-        let mut snap = Snapshot::default();
+        let mut jobs_by_state: Vec<(JobState, i64)> = job_fsm::ALL_STATES
+            .iter()
+            .map(|s| (*s, self.history.count(*s)))
+            .collect();
+        let mut snap = Snapshot {
+            committed_steps: self.history.committed_steps,
+            committed_samples: self.history.committed_samples,
+            checkpoint_records: self.checkpoint_records,
+            replica_mismatches: self.history.replica_mismatches,
+            ..Default::default()
+        };
         for e in self.jobs.values() {
             if let Some(slot) = jobs_by_state.iter_mut().find(|(s, _)| *s == e.state()) {
                 slot.1 += 1;
             }
             snap.committed_steps += e.ledger.committed_step;
+            snap.committed_samples += e.ledger.committed_step * e.ledger.plan.global_batch;
             snap.replica_mismatches += e
                 .record
                 .progress

@@ -127,11 +127,14 @@ pub fn close(job: &mut Job, since: Instant, now: Instant) -> Option<Recovery> {
 }
 
 /// Counts of the recoveries for `/metrics`: regroups by reason (rebuilt from the records after
-/// a restart) and the seconds of the closed ones (since the start only).
+/// a restart), the seconds of the closed ones, and the seconds of every group's rendezvous (from
+/// its formation to its first committed step, the first group of a job included); the
+/// histograms count since the start only.
 #[derive(Debug, Clone)]
 pub struct RecoveryStats {
     pub by_reason: std::collections::BTreeMap<&'static str, u64>,
     pub seconds: prometheus_client::metrics::histogram::Histogram,
+    pub rendezvous_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Buckets of `protodino_recovery_seconds`.
@@ -142,6 +145,9 @@ impl Default for RecoveryStats {
         Self {
             by_reason: Regroup::ALL.iter().map(|r| (r.name(), 0)).collect(),
             seconds: prometheus_client::metrics::histogram::Histogram::new(SECONDS_BUCKETS),
+            rendezvous_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                SECONDS_BUCKETS,
+            ),
         }
     }
 }

@@ -169,6 +169,10 @@ impl Core {
                 id,
                 format!("running: epoch {epoch}, first commit at step {}", c.step),
             );
+            if let Some(formed) = entry.formed_at.take() {
+                let seconds = now.saturating_duration_since(formed).as_secs_f64();
+                self.recoveries.rendezvous_seconds.observe(seconds);
+            }
             if let Some(since) = entry.recovering_since.take()
                 && let Some(r) = recovery::close(&mut entry.record, since, now)
             {
@@ -280,6 +284,7 @@ impl Core {
         list.sort_by_key(|x| x.step);
         let excess = list.len().saturating_sub(keep.max(1));
         list.drain(..excess);
+        self.checkpoint_records += 1;
         ch.job(job_id);
         ch.note(
             job_id,

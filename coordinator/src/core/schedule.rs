@@ -114,7 +114,7 @@ impl Core {
                 blocked_by = Some(id);
                 continue;
             }
-            if let Err(reason) = self.form(&id, secrets, ch)? {
+            if let Err(reason) = self.form(now, &id, secrets, ch)? {
                 self.wait_message(&id, &reason, ch);
                 blocked_by = Some(id);
             }
@@ -251,6 +251,7 @@ impl Core {
     /// Form the next membership of `id` from idle workers: `Ok(Err(reason))` when it cannot.
     fn form(
         &mut self,
+        now: Instant,
         id: &str,
         secrets: Secrets,
         ch: &mut Changes,
@@ -442,6 +443,7 @@ impl Core {
         entry.ledger.last_epoch = epoch;
         entry.ledger.pending.clear();
         entry.ledger.membership = Some(m);
+        entry.formed_at = Some(now);
         ch.job(id);
         ch.ledger(id);
         ch.note(id, reason);

@@ -937,3 +937,42 @@ fn a_toml_configuration_layers_between_the_preset_and_the_fields() {
         "spec.config_toml"
     );
 }
+
+#[test]
+fn loss_variants_come_through_the_toml_configuration() {
+    use protodino_config::{Centering, PrototypeKind};
+    let with = |toml: &str| JobSpec {
+        config_toml: toml.into(),
+        ..demo()
+    };
+    let c = valid(&with(
+        "[loss]\ncentering = \"sinkhorn\"\n[head]\nprototypes = \"vmf\"\nnorm_last_layer = false\n",
+    ))
+    .config;
+    assert_eq!(c.loss.centering, Centering::Sinkhorn);
+    assert_eq!(c.head.prototypes, PrototypeKind::Vmf);
+    assert_eq!(valid(&demo()).config.loss.centering, Centering::Ema);
+
+    let err = |spec: &JobSpec| validate_spec(spec, &configs(), MAX_WORKERS).unwrap_err();
+    // An unknown name is INVALID_ARGUMENT naming `spec.config_toml`, the key and the value.
+    for (toml, key, value) in [
+        (
+            "[loss]\ncentering = \"softmax\"\n",
+            "loss.centering",
+            "softmax",
+        ),
+        ("[head]\nprototypes = \"unit\"\n", "head.prototypes", "unit"),
+    ] {
+        let e = err(&with(toml));
+        assert_eq!(e.field, "spec.config_toml", "{e}");
+        assert!(e.message.contains(key) && e.message.contains(value), "{e}");
+    }
+    // vMF prototypes with frozen unit gains: the field that breaks the rule, where it was set.
+    let e = err(&with(
+        "[head]\nprototypes = \"vmf\"\nnorm_last_layer = true\n",
+    ));
+    assert_eq!(e.field, "spec.config_toml.head.norm_last_layer", "{e}");
+    let mut spec = with("[head]\nprototypes = \"vmf\"\nnorm_last_layer = false\n");
+    head(&mut spec).norm_last_layer = Some(true);
+    assert_eq!(err(&spec).field, "spec.head.norm_last_layer");
+}

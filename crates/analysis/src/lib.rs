@@ -4,7 +4,8 @@
 //!
 //! Module map:
 //! * [`prototypes`] — find a head's prototype layer (`…head.last_layer.weight_v` / `weight_g`)
-//!   among named tensors or in a safetensors file; effective normalised prototypes.
+//!   among named tensors or in a safetensors file; effective normalised prototypes and their
+//!   norms (the vMF concentrations times τ).
 //! * [`unique`] — unique-prototype counts over ε (greedy leader grouping and connected
 //!   components), group assignments, nearest-neighbour statistics, KoLeo-proto value;
 //!   blockwise, no K×K matrix.
@@ -36,7 +37,7 @@ pub use error::{AnalysisError, Result};
 pub use fewshot::{FewShotOptions, FewShotReport, fewshot_eval};
 pub use knn::{KnnOptions, KnnReport, knn_classify};
 pub use linear::{LinearProbeOptions, LinearProbeReport, linear_probe};
-pub use prototypes::{Head, PrototypeSource, Prototypes};
+pub use prototypes::{Head, NormStats, PrototypeSource, Prototypes};
 pub use report::{PrototypeReport, prototype_report, prototype_report_from_named};
 pub use unique::{UniqueAnalysis, UniqueCount, UniqueOptions, UniqueReport, analyze_unique};
 pub use usage::{Assignment, Grouping, UsageAccumulator, UsageReport};

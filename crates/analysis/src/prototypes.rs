@@ -8,6 +8,11 @@
 //! `head.last_layer.weight_v` (or `last_layer.weight_v`). The effective prototype is
 //! `w_k = g_k · v_k/‖v_k‖`, then `μ_k = w_k/‖w_k‖` (pitfall 13). Without `weight_g` (a frozen
 //! `g = 1` that was not saved) `w_k = v_k/‖v_k‖`.
+//!
+//! DINO-vMF heads (`head.prototypes = "vmf"`, docs/algorithm.md §1.10) have the same names: the
+//! weight-normalised layer with a trained `weight_g`, so `‖w_k‖ = |g_k|` is not 1. The unique
+//! counts use the directions `μ_k` as for any head; the norms, which set the vMF concentrations
+//! `κ_k = ‖w_k‖/τ`, are kept in [`Prototypes::norms`] and summarised by [`NormStats`].
 
 use std::fmt;
 use std::path::Path;
@@ -50,11 +55,14 @@ impl std::str::FromStr for Head {
     }
 }
 
-/// Effective, L2-normalised prototypes of one head, in f64 (`[K, d]`).
+/// Effective, L2-normalised prototypes of one head, in f64 (`[K, d]`), and their norms.
 #[derive(Debug)]
 pub struct Prototypes {
     /// `μ`, one unit row per prototype, f64 on the CPU.
     pub normalized: Tensor,
+    /// `‖w_k‖` of the effective rows, `[K]` f64 (`|g_k|`; all 1 for a normalised head); the
+    /// vMF concentration of prototype k at temperature τ is `‖w_k‖/τ`.
+    pub norms: Tensor,
     /// Where they came from (for reports).
     pub source: PrototypeSource,
 }
@@ -167,6 +175,12 @@ pub fn select_prototype_layer(
 /// computed in f64. `g` may be `[K, 1]` (PyTorch `weight_norm`) or `[K]`. A negative `g_k` flips
 /// the direction of prototype k, as it does in the forward pass.
 pub fn effective_prototypes(weight_v: &Tensor, weight_g: Option<&Tensor>) -> Result<Tensor> {
+    l2_normalize_rows(&effective_rows(weight_v, weight_g)?)
+}
+
+/// The effective rows `w = g ⊙ v/‖v‖_row` (or `v/‖v‖_row` without `g`), not normalised, f64
+/// on the CPU.
+pub fn effective_rows(weight_v: &Tensor, weight_g: Option<&Tensor>) -> Result<Tensor> {
     let size = weight_v.size();
     if size.len() != 2 || size[0] == 0 || size[1] == 0 {
         return Err(AnalysisError::Shape(format!(
@@ -194,7 +208,58 @@ pub fn effective_prototypes(weight_v: &Tensor, weight_g: Option<&Tensor>) -> Res
             direction.f_mul(&g)?
         }
     };
-    l2_normalize_rows(&w)
+    Ok(w)
+}
+
+/// Summary of the prototype norms `‖w_k‖` (the vMF concentrations times τ).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NormStats {
+    pub min: f64,
+    pub p05: f64,
+    pub median: f64,
+    pub mean: f64,
+    pub p95: f64,
+    pub max: f64,
+    /// Every norm is 1 within 1e-5 (a normalised head: one common concentration `1/τ`).
+    pub unit: bool,
+}
+
+impl NormStats {
+    /// The statistics of a `[K]` tensor of norms (K ≥ 1).
+    pub fn of(norms: &Tensor) -> Result<NormStats> {
+        let mut v = Vec::<f64>::try_from(norms.f_to_kind(Kind::Double)?.f_flatten(0, -1)?)?;
+        if v.is_empty() {
+            return Err(AnalysisError::Shape("no prototype norms".into()));
+        }
+        v.sort_by(f64::total_cmp);
+        let q = |p| crate::stats::quantile_sorted(&v, p);
+        Ok(NormStats {
+            min: v[0],
+            p05: q(0.05),
+            median: q(0.5),
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            p95: q(0.95),
+            max: v[v.len() - 1],
+            unit: v.iter().all(|x| (x - 1.0).abs() <= 1e-5),
+        })
+    }
+}
+
+impl fmt::Display for NormStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.unit {
+            return write!(
+                f,
+                "prototype norms: all 1 (normalised; κ = 1/τ for every prototype)"
+            );
+        }
+        write!(
+            f,
+            "prototype norms |w_k| (vMF κ_k = |w_k|/τ): min {:.4}, p05 {:.4}, median {:.4}, \
+             mean {:.4}, p95 {:.4}, max {:.4}",
+            self.min, self.p05, self.median, self.mean, self.p95, self.max
+        )
+    }
 }
 
 /// `x / max(‖x‖₂, 1e-12)` row-wise (F.normalize semantics).
@@ -220,8 +285,10 @@ impl Prototypes {
     /// Effective normalised prototypes of `head` from named tensors (a loaded checkpoint).
     pub fn from_named(named: &[(String, Tensor)], head: Head) -> Result<Prototypes> {
         let (source, v, g) = select_prototype_layer(named, head)?;
+        let w = effective_rows(v, g)?;
         Ok(Prototypes {
-            normalized: effective_prototypes(v, g)?,
+            normalized: l2_normalize_rows(&w)?,
+            norms: w.f_norm_scalaropt_dim(2.0, [1i64].as_slice(), false)?,
             source,
         })
     }

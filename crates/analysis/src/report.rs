@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::fewshot::FewShotReport;
 use crate::knn::{KnnOptions, KnnReport};
 use crate::linear::LinearProbeReport;
-use crate::prototypes::{Head, PrototypeSource, Prototypes};
+use crate::prototypes::{Head, NormStats, PrototypeSource, Prototypes};
 use crate::unique::{UniqueOptions, UniqueReport, analyze_unique};
 use crate::usage::UsageReport;
 
@@ -23,6 +23,8 @@ use crate::usage::UsageReport;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrototypeReport {
     pub source: PrototypeSource,
+    /// The norms `‖w_k‖` of the effective rows (not 1 for a vMF head).
+    pub norms: NormStats,
     pub unique: UniqueReport,
 }
 
@@ -45,6 +47,7 @@ pub fn prototype_report_from_named(
 fn report_for(p: Prototypes, opts: &UniqueOptions) -> Result<PrototypeReport> {
     let unique = analyze_unique(&p.normalized, opts)?.report;
     Ok(PrototypeReport {
+        norms: NormStats::of(&p.norms)?,
         source: p.source,
         unique,
     })
@@ -105,6 +108,7 @@ impl fmt::Display for PrototypeReport {
             s.k,
             s.dim
         )?;
+        writeln!(f, "{}", self.norms)?;
         write!(f, "{}", self.unique)
     }
 }

@@ -171,3 +171,43 @@ fn cli_report_json_and_text() {
     assert_eq!(knn.clone().clamped_to(50).ks, vec![20, 10]);
     assert_eq!(knn.clamped_to(5).ks, vec![5]);
 }
+
+#[test]
+fn vmf_heads_count_directions_and_report_norms() {
+    // A DINO-vMF head: the official weight-norm names with a trained gain, so the effective
+    // rows have norms |g_k| (the concentrations times τ); rows 0 and 2 share a direction.
+    let dir = tempfile::tempdir().unwrap();
+    let v = Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0, 2.0, 0.0, 6.0, 8.0, 0.0]).reshape([3, 3]);
+    let g = Tensor::from_slice(&[0.5f32, 4.0, 12.0]).reshape([3, 1]);
+    let path = write(
+        &dir,
+        "vmf.safetensors",
+        &[
+            ("teacher.head.last_layer.weight_v", &v),
+            ("teacher.head.last_layer.weight_g", &g),
+        ],
+    );
+    let p = Prototypes::load(&path, Head::Teacher).unwrap();
+    let norms = Vec::<f64>::try_from(&p.norms).unwrap();
+    for (n, want) in norms.iter().zip([0.5, 4.0, 12.0]) {
+        assert!((n - want).abs() < 1e-12, "{norms:?}");
+    }
+    let row2 = Vec::<f64>::try_from(p.normalized.get(2)).unwrap();
+    assert!((row2[0] - 0.6).abs() < 1e-12 && (row2[1] - 0.8).abs() < 1e-12);
+    let r = prototype_report(&path, Head::Teacher, &UniqueOptions::default()).unwrap();
+    assert!(r.unique.counts.iter().all(|c| c.greedy == 2), "{r}");
+    assert!(
+        (r.norms.min - 0.5).abs() + (r.norms.median - 4.0).abs() + (r.norms.max - 12.0).abs()
+            < 1e-12
+    );
+    assert!(!r.norms.unit);
+    let text = r.to_string();
+    assert!(
+        text.contains("κ_k = |w_k|/τ") && text.contains("max 12.0000"),
+        "{text}"
+    );
+    // A normalised head says so.
+    let named = vec![("teacher.head.last_layer.weight_v".to_string(), v)];
+    let unit = prototype_report_from_named(&named, Head::Teacher, &UniqueOptions::default());
+    assert!(unit.unwrap().norms.unit);
+}

@@ -101,6 +101,33 @@ pub struct HeadConfig {
     pub use_bn: bool,
     /// Freeze `weight_g` at 1 (unit-norm prototypes) in the student.
     pub norm_last_layer: bool,
+    /// How the prototypes enter the logits: `normalised` (DINO: the plain dot product) or `vmf`
+    /// (DINO-vMF: each prototype is a von Mises–Fisher component, `κ_k = ‖w_k‖/τ`, and the
+    /// logits get `log C_d(κ_k)`; needs `norm_last_layer = false`). docs/algorithm.md §1.10.
+    #[serde(default)]
+    pub prototypes: PrototypeKind,
+}
+
+/// `head.prototypes`: how the prototype layer's rows are read (docs/algorithm.md §1.10).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrototypeKind {
+    /// DINO: logits are `w_k·y` (unit-norm rows when `norm_last_layer`).
+    #[default]
+    Normalised,
+    /// DINO-vMF: unnormalised rows read as vMF components, with the log-normaliser
+    /// `log C_d(‖w_k‖/τ)` added to the logits at each temperature τ.
+    Vmf,
+}
+
+impl PrototypeKind {
+    /// The configuration name (`normalised`, `vmf`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PrototypeKind::Normalised => "normalised",
+            PrototypeKind::Vmf => "vmf",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +138,33 @@ pub struct LossConfig {
     pub warmup_teacher_temp: f64,
     pub warmup_teacher_temp_epochs: i64,
     pub center_momentum: f64,
+    /// How the teacher's targets are centred: `ema` (DINO: an EMA centre subtracted from the
+    /// logits) or `sinkhorn` (DINOv2's three Sinkhorn-Knopp iterations over the global batch).
+    /// docs/algorithm.md §1.6.
+    #[serde(default)]
+    pub centering: Centering,
+}
+
+/// `loss.centering`: how the teacher's targets are centred (docs/algorithm.md §1.6).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Centering {
+    /// DINO: `softmax((z − c)/τ_t)` with the EMA centre `c` of the raw teacher logits.
+    #[default]
+    Ema,
+    /// DINOv2's `sinkhorn_knopp_teacher`: three Sinkhorn-Knopp iterations on `exp(z/τ_t)`,
+    /// prototype totals summed over the group; no centre is kept.
+    Sinkhorn,
+}
+
+impl Centering {
+    /// The configuration name (`ema`, `sinkhorn`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Centering::Ema => "ema",
+            Centering::Sinkhorn => "sinkhorn",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -156,3 +156,55 @@ fn unknown_environment_key_is_an_error() {
     let e = TrainConfig::load::<&str>(&[]).unwrap_err().to_string();
     assert!(e.contains("learning_rate"), "{e}");
 }
+
+#[test]
+fn loss_variants_default_to_dino_and_parse() {
+    let c = TrainConfig::defaults().unwrap();
+    assert_eq!(c.loss.centering, Centering::Ema);
+    assert_eq!(c.head.prototypes, PrototypeKind::Normalised);
+    let c = TrainConfig::from_toml_str(
+        "[loss]\ncentering = \"sinkhorn\"\n[head]\nprototypes = \"vmf\"\nnorm_last_layer = false\n",
+    )
+    .unwrap();
+    assert_eq!(c.loss.centering, Centering::Sinkhorn);
+    assert_eq!(c.head.prototypes, PrototypeKind::Vmf);
+    assert_eq!(
+        (c.loss.centering.name(), c.head.prototypes.name()),
+        ("sinkhorn", "vmf")
+    );
+    // Older configuration records (a checkpoint's metadata) have neither key.
+    let mut json = TrainConfig::defaults().unwrap().to_json();
+    json["loss"].as_object_mut().unwrap().remove("centering");
+    json["head"].as_object_mut().unwrap().remove("prototypes");
+    let old: TrainConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(old, TrainConfig::defaults().unwrap());
+}
+
+#[test]
+fn unknown_variant_names_are_errors_naming_the_key() {
+    for (toml, key, value) in [
+        (
+            "[loss]\ncentering = \"softmax\"\n",
+            "loss.centering",
+            "softmax",
+        ),
+        ("[head]\nprototypes = \"unit\"\n", "head.prototypes", "unit"),
+    ] {
+        let e = TrainConfig::from_toml_str(toml).unwrap_err();
+        assert!(matches!(e, ConfigError::Load(_)), "{e}");
+        let e = e.to_string();
+        assert!(e.contains(key) && e.contains(value), "{e}");
+    }
+}
+
+#[test]
+fn vmf_prototypes_need_a_trained_gain() {
+    let e = TrainConfig::from_toml_str("[head]\nprototypes = \"vmf\"\n").unwrap_err();
+    match e {
+        ConfigError::Invalid(f) => {
+            assert_eq!(f.field, "head.norm_last_layer");
+            assert!(f.message.contains("vmf"), "{}", f.message);
+        }
+        other => panic!("{other}"),
+    }
+}

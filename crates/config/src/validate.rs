@@ -1,7 +1,7 @@
 //! Bounds and cross-field rules. Each failure names the field as a dotted path, so the same
 //! message works for a TOML file, an environment variable and a gRPC job spec.
 
-use crate::{Arch, TrainConfig};
+use crate::{Arch, PrototypeKind, TrainConfig};
 
 /// A configuration value outside its allowed range; `field` is the dotted key.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -72,6 +72,14 @@ impl TrainConfig {
         int_in("head.hidden_dim", h.hidden_dim, 1, 1 << 16)?;
         int_in("head.bottleneck_dim", h.bottleneck_dim, 2, 1 << 14)?;
         int_in("head.nlayers", h.nlayers, 1, 8)?;
+        if h.prototypes == PrototypeKind::Vmf && h.norm_last_layer {
+            return Err(err(
+                "head.norm_last_layer",
+                "must be false when head.prototypes = \"vmf\": a vMF prototype carries its \
+                 concentration in its norm, and with unit-norm rows every κ is equal and the \
+                 log-normaliser cancels",
+            ));
+        }
 
         let l = &self.loss;
         float_in("loss.student_temp", l.student_temp, 1e-3, 10.0)?;

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::dataset::{Dataset, Record, RecordError, RecordKind};
+use crate::dataset::{Dataset, Location, Record, RecordError, RecordKind};
 
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
 
@@ -224,13 +224,17 @@ impl Dataset for FileDataset {
     fn read_record(&self, id: u64) -> Result<Record, RecordError> {
         let p = self.path(id).ok_or(RecordError::OutOfRange(id))?;
         let bytes = fs::read(p).map_err(|source| RecordError::Io {
-            path: p.to_path_buf(),
+            at: Location::File(p.to_path_buf()),
             source,
         })?;
         Ok(Record {
             kind: RecordKind::Encoded,
             bytes,
         })
+    }
+    fn location(&self, id: u64) -> Location {
+        self.path(id)
+            .map_or(Location::Sample(id), |p| Location::File(p.to_path_buf()))
     }
     fn ignored_entries(&self) -> &[String] {
         &self.ignored

@@ -62,7 +62,10 @@ pub fn read_idx(path: &Path) -> Result<IdxArray, IdxError> {
         path: path.display().to_string(),
         source,
     })?;
-    parse_idx(&bytes)
+    parse_idx(&bytes).map_err(|e| match e {
+        IdxError::Format(msg) => IdxError::Format(format!("{}: {msg}", path.display())),
+        other => other,
+    })
 }
 
 /// Fashion-MNIST class names (index = label).

@@ -40,7 +40,9 @@ pub mod rng;
 pub mod shard;
 mod simd;
 
-pub use dataset::{Dataset, Record, RecordError, RecordKind, SharedDataset, SkippedRecord};
+pub use dataset::{
+    Dataset, DecodeError, Location, Record, RecordError, RecordKind, SharedDataset, SkippedRecord,
+};
 pub use error::DataError;
 pub use eval::EvalBatch;
 pub use loader::{EpochStream, Loader};

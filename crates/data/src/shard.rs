@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::crc32::crc32;
-use crate::dataset::{Dataset, Record, RecordError, RecordKind};
+use crate::dataset::{Dataset, Location, Record, RecordError, RecordKind};
 
 pub const SHARD_MAGIC: &[u8; 8] = b"PDSHARD1";
 pub const INDEX_MAGIC: &[u8; 8] = b"PDINDEX1";
@@ -328,41 +328,57 @@ impl Dataset for ShardDataset {
 
     fn read_record(&self, id: u64) -> Result<Record, RecordError> {
         let e = *self.entry(id).ok_or(RecordError::OutOfRange(id))?;
+        let at = || self.location(id);
         let file = &self.files[e.shard as usize];
         let end = e.offset + HEADER_LEN as u64 + e.len as u64;
         if end > self.sizes[e.shard as usize] {
-            return Err(RecordError::Malformed(format!(
-                "record ends at byte {end}, past the end of its shard ({} bytes): truncated",
-                self.sizes[e.shard as usize]
-            )));
+            return Err(RecordError::Malformed {
+                at: at(),
+                msg: format!(
+                    "record ends at byte {end}, past the end of its shard ({} bytes): truncated",
+                    self.sizes[e.shard as usize]
+                ),
+            });
         }
         let mut buf = vec![0u8; HEADER_LEN + e.len as usize];
         file.read_exact_at(&mut buf, e.offset)
-            .map_err(|source| RecordError::Io {
-                path: self.dir.join(&self.meta.shards[e.shard as usize]),
-                source,
-            })?;
+            .map_err(|source| RecordError::Io { at: at(), source })?;
         let want = record_header(id, e.len, e.kind, e.label, e.crc);
         if buf[..HEADER_LEN] != want {
-            return Err(RecordError::Malformed(format!(
-                "record header at offset {} does not match the index",
-                e.offset
-            )));
+            return Err(RecordError::Malformed {
+                at: at(),
+                msg: "the record header does not match the index".into(),
+            });
         }
         let payload = buf.split_off(HEADER_LEN);
         let computed = crc32(&payload);
         if computed != e.crc {
             return Err(RecordError::Checksum {
+                at: at(),
                 stored: e.crc,
                 computed,
             });
         }
-        let kind = RecordKind::from_u8(e.kind)
-            .ok_or_else(|| RecordError::Malformed(format!("unknown record kind {}", e.kind)))?;
+        let kind = RecordKind::from_u8(e.kind).ok_or_else(|| RecordError::Malformed {
+            at: at(),
+            msg: format!("unknown record kind {}", e.kind),
+        })?;
         Ok(Record {
             kind,
             bytes: payload,
         })
+    }
+
+    /// The shard file, the sample id (records are indexed by it) and the header's offset.
+    fn location(&self, id: u64) -> Location {
+        match self.entry(id) {
+            Some(e) => Location::Packed {
+                file: self.dir.join(&self.meta.shards[e.shard as usize]),
+                record: id,
+                offset: e.offset,
+            },
+            None => Location::Sample(id),
+        }
     }
 }
 

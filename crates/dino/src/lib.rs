@@ -5,6 +5,10 @@
 //! Module map (read in this order):
 //! * [`schedule`] — lr / weight-decay / EMA-momentum cosines and the per-epoch teacher temperature;
 //! * [`loss`] — the DINO loss over the 2V−2 crop pairs and the centre (update through the hook);
+//! * [`sinkhorn`] — DINOv2's Sinkhorn-Knopp centring of the teacher (`loss.centering`);
+//! * [`vmf`] — DINO-vMF: the vMF log-normaliser `log C_d(κ)` and the logit correction
+//!   (`head.prototypes`);
+//! * [`variants`] — the DINO loss under the configured centring and prototype reading;
 //! * [`koleo`] — KoLeo-proto on the student prototypes, blockwise nearest-neighbour search;
 //! * [`params`] — official names, parameter groups, buffers, the `last_layer` rule;
 //! * [`grads`] — per-parameter gradient clipping and gradient norms;
@@ -33,7 +37,10 @@ pub mod params;
 pub mod reducer;
 pub mod replay;
 pub mod schedule;
+pub mod sinkhorn;
 pub mod step;
+pub mod variants;
+pub mod vmf;
 
 pub use checkpoint::{CheckpointMeta, LoadedCheckpoint};
 pub use error::{DinoError, NonFiniteLoss, Result};
@@ -45,4 +52,5 @@ pub use optim::Optimizer;
 pub use reducer::{LocalReducer, Reducer};
 pub use replay::{ReplayOverrides, ReplayReport, read_batch, replay, write_batch};
 pub use schedule::{ScheduleValues, Schedules};
-pub use step::{Batch, DinoTrainer, StepMetrics};
+pub use sinkhorn::{SINKHORN_ITERATIONS, SinkhornOutput, sinkhorn_knopp_teacher};
+pub use step::{Batch, DinoTrainer, StepMetrics, StepTimings};

@@ -71,8 +71,51 @@ impl DinoLoss {
         teacher_output: &Tensor,
         teacher_temp: f64,
     ) -> Result<DinoLossOutput> {
-        let (rows_s, k_s) = dims2(student_output, "student output")?;
+        self.check_teacher(teacher_output)?;
+        let targets = self.centered_targets(teacher_output, teacher_temp, None);
+        self.loss_with_targets(student_output, &targets, None)
+    }
+
+    /// The teacher's targets with the EMA centre, `softmax((Z_t − c)/τ_t + bias)` in fp32,
+    /// detached; `logit_bias` `[1, K]` (the vMF correction) is added after the centring.
+    pub fn centered_targets(
+        &self,
+        teacher_output: &Tensor,
+        teacher_temp: f64,
+        logit_bias: Option<&Tensor>,
+    ) -> Tensor {
+        let centered = (teacher_output.to_kind(Kind::Float) - &self.center) / teacher_temp;
+        let centered = match logit_bias {
+            None => centered,
+            Some(b) => centered + b,
+        };
+        centered.softmax(-1, Kind::Float).detach()
+    }
+
+    /// The teacher output's shape against the centre and the crops.
+    pub fn check_teacher(&self, teacher_output: &Tensor) -> Result<()> {
         let (rows_t, k_t) = dims2(teacher_output, "teacher output")?;
+        let k = self.center.size()[1];
+        if k_t != k || rows_t % 2 != 0 {
+            return Err(DinoError::Shape(format!(
+                "teacher output of {rows_t} rows and {k_t} columns (centre {k}): 2B rows of K expected"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `L_DINO` of crop-major student logits `[V·B, K]` against given teacher targets `[2B, K]`
+    /// (rows of probabilities, detached: [`Self::centered_targets`] or Sinkhorn-Knopp's);
+    /// `student_logit_bias` `[1, K]` (the vMF correction, in the graph) is added to the student's
+    /// `Z_s/τ_s` before its log-softmax.
+    pub fn loss_with_targets(
+        &self,
+        student_output: &Tensor,
+        targets: &Tensor,
+        student_logit_bias: Option<&Tensor>,
+    ) -> Result<DinoLossOutput> {
+        let (rows_s, k_s) = dims2(student_output, "student output")?;
+        let (rows_t, k_t) = dims2(targets, "teacher targets")?;
         let k = self.center.size()[1];
         if k_s != k || k_t != k {
             return Err(DinoError::Shape(format!(
@@ -86,14 +129,16 @@ impl DinoLoss {
             )));
         }
         let student_out = student_output.to_kind(Kind::Float) / self.student_temp;
+        let student_out = match student_logit_bias {
+            None => student_out,
+            Some(b) => student_out + b,
+        };
         let student_out = student_out.chunk(self.n_crops, 0);
-        let teacher_out = ((teacher_output.to_kind(Kind::Float) - &self.center) / teacher_temp)
-            .softmax(-1, Kind::Float)
-            .detach();
+        let teacher_out = targets;
         // Mean entropy of the targets: each teacher crop meets V − 1 student crops, so the loss
         // is exactly this plus the mean KL(teacher ‖ student) that training lowers.
         let target_entropy = -teacher_out
-            .xlogy(&teacher_out)
+            .xlogy(teacher_out)
             .sum_dim_intlist(-1, false, Kind::Float)
             .mean(Kind::Float);
         let teacher_out = teacher_out.chunk(2, 0);

@@ -15,6 +15,11 @@ use crate::error::Result;
 pub trait Reducer {
     /// Number of members of the group (W).
     fn world_size(&self) -> usize;
+    /// How the reductions move data (`shm`, `tcp`, `nccl`…), for the metrics of the bytes
+    /// they carry; `local` when nothing moves.
+    fn transport(&self) -> &'static str {
+        "local"
+    }
     /// Element-wise sum over the group, in place.
     fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<()>;
     /// Element-wise mean over the group, in place (DDP's gradient averaging).

@@ -14,13 +14,20 @@
 //! 7. optimiser step, skipping `last_layer` parameters entirely while `epoch < freeze_last_layer`;
 //! 8. EMA of every teacher parameter (including a frozen `weight_g`), buffers excluded;
 //! 9. centre update from the raw teacher logits through the reducer (see `loss` for why it is
-//!    done last; the loss of this step used the previous centre either way).
+//!    done last; the loss of this step used the previous centre either way) — with
+//!    `loss.centering = "ema"`; Sinkhorn-Knopp centring (`variants`) keeps no centre, its
+//!    all-reduces happen in step 2.
+//!
+//! The wall time of each phase of the last step (forward, backward, all-reduce, optimiser, EMA)
+//! and the bytes its all-reduces carried are kept in [`DinoTrainer::last_timings`] for the
+//! worker's metrics; measuring them adds no synchronisation and changes no number.
 //!
 //! Determinism: drop-path randomness comes from `(seed, step, sample id)` in the models crate and
 //! everything else here is deterministic, so `N` steps equal `k` steps + checkpoint + resume +
 //! `N − k` steps bit for bit (tested).
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use protodino_config::{Precision, TrainConfig};
 use protodino_models::ForwardCtx;
@@ -122,6 +129,28 @@ pub struct StepMetrics {
     pub prototype_nn_min: f64,
 }
 
+/// Wall time of the phases of one step on this worker, in seconds, and the payload of its
+/// all-reduces. Each phase is timed with `Instant` around its calls and nothing more: on the CPU
+/// a phase's work is done when its calls return; on CUDA the host runs ahead of the device up to
+/// the next point where it waits anyway (the losses' scalars after the forward, every NCCL
+/// bucket, the gradient norms), so device time still queued is counted in a later phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimings {
+    /// Student and teacher forwards and the losses.
+    pub forward: f64,
+    /// Zeroing the gradients and backward.
+    pub backward: f64,
+    /// The step's reductions: the sample counts, then the gradients with the centre
+    /// statistics.
+    pub all_reduce: f64,
+    /// Gradient clipping and the optimiser step.
+    pub optimizer: f64,
+    /// The teacher's EMA and the centre update.
+    pub ema: f64,
+    /// Bytes of the buffers the step all-reduced (0 in a world of one, where nothing moves).
+    pub all_reduce_bytes: u64,
+}
+
 /// Forward results of a step before anything is updated.
 #[derive(Debug)]
 pub struct StepLosses {
@@ -132,6 +161,8 @@ pub struct StepLosses {
     pub koleo: Option<crate::koleo::KoleoOutput>,
     pub total: Tensor,
     pub teacher_output: Tensor,
+    /// Bytes all-reduced while forming the teacher targets (Sinkhorn-Knopp in a group).
+    pub all_reduce_bytes: u64,
 }
 
 /// Student, teacher and everything a DINO + KoLeo-proto step changes.
@@ -152,6 +183,8 @@ pub struct DinoTrainer<N: DinoNetwork> {
     pub data_position: serde_json::Value,
     /// Schedule values of the last completed step.
     pub last_schedule: Option<ScheduleValues>,
+    /// Phase times and all-reduce bytes of the last completed step (not checkpointed).
+    pub last_timings: StepTimings,
     pub(crate) world_size: usize,
     failure_dir: Option<PathBuf>,
     ema_pairs: Vec<(Tensor, Tensor)>,
@@ -220,6 +253,7 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             step: 0,
             data_position: serde_json::Value::Null,
             last_schedule: None,
+            last_timings: StepTimings::default(),
             world_size,
             failure_dir: None,
             ema_pairs,
@@ -247,8 +281,18 @@ impl<N: DinoNetwork> DinoTrainer<N> {
     }
 
     /// Forward of student and teacher and the losses of `batch` with the given schedule values;
-    /// changes nothing.
+    /// changes nothing. Alone: Sinkhorn-Knopp centring sees only this batch.
     pub fn losses(&mut self, batch: &Batch, sv: ScheduleValues) -> Result<StepLosses> {
+        self.losses_with(batch, sv, &crate::reducer::LocalReducer)
+    }
+
+    /// [`Self::losses`] with the group's `reducer` (Sinkhorn-Knopp sums over the group).
+    pub fn losses_with(
+        &mut self,
+        batch: &Batch,
+        sv: ScheduleValues,
+        reducer: &dyn Reducer,
+    ) -> Result<StepLosses> {
         batch.check(self.cfg.crops.local_crops_number)?;
         let crops = batch.crops(self.device);
         let bf16 = self.bf16();
@@ -268,9 +312,19 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             (t.detach(), s)
         });
         let dino = tch::autocast(false, || {
-            self.dino_loss
-                .loss(&student_output, &teacher_output, sv.teacher_temp)
+            crate::variants::variant_loss(
+                &self.dino_loss,
+                &self.cfg,
+                &self.student,
+                &self.teacher,
+                &student_output,
+                &teacher_output,
+                sv.teacher_temp,
+                reducer,
+            )
         })?;
+        let target_bytes = dino.all_reduce_bytes;
+        let dino = dino.output;
         let lambda = self.cfg.koleo.weight;
         let koleo = if lambda != 0.0 {
             let protos = self.student.prototypes();
@@ -289,6 +343,7 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             koleo,
             total,
             teacher_output,
+            all_reduce_bytes: target_bytes,
         })
     }
 
@@ -305,7 +360,8 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         sv: ScheduleValues,
         reducer: &dyn Reducer,
     ) -> Result<StepMetrics> {
-        let losses = self.losses(batch, sv)?;
+        let started = Instant::now();
+        let losses = self.losses_with(batch, sv, reducer)?;
         let dino_loss = losses.dino_loss.double_value(&[]);
         let teacher_entropy = losses.target_entropy.double_value(&[]);
         let koleo_proto = losses
@@ -316,20 +372,31 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         if !total.is_finite() {
             return Err(self.non_finite(batch, sv, dino_loss, koleo_proto, total));
         }
+        let mut timings = StepTimings {
+            forward: started.elapsed().as_secs_f64(),
+            ..StepTimings::default()
+        };
+        let t = Instant::now();
         for (_, p) in &self.trainable {
             let mut p = p.shallow_clone();
             p.zero_grad();
         }
+        timings.backward = t.elapsed().as_secs_f64();
         // This member's weight n_r / N in the global batch: its loss (a mean over its own n_r
         // samples) is scaled by it, so the summed gradients are those of the mean over all N
         // samples whatever the shares (uneven, or fewer after skipped records). λ·L_KP is the
         // same on every replica; its weights sum to one, so it counts once.
+        let t = Instant::now();
         let share = self.sample_share(batch, reducer)?;
+        timings.all_reduce = t.elapsed().as_secs_f64();
+        let t = Instant::now();
         if share == 1.0 {
             losses.total.backward();
         } else {
             (&losses.total * share).backward();
         }
+        timings.backward += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let mut grads: Vec<Tensor> = self
             .trainable
             .iter()
@@ -339,16 +406,33 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         // The centre's row sums and count ride in the gradients' all-reduce: every collective of
         // the step happens before anything is updated, so a failed one leaves the replica at
         // the previous step, whole.
-        grads.extend(DinoLoss::center_stats(&losses.teacher_output)?);
+        let ema_center = crate::variants::uses_ema_center(&self.cfg);
+        if ema_center {
+            grads.extend(DinoLoss::center_stats(&losses.teacher_output)?);
+        }
+        if reducer.world_size() > 1 {
+            // The sample count (one f32), then the gradients and the centre statistics.
+            timings.all_reduce_bytes = 4 + grads
+                .iter()
+                .map(|g| (g.numel() * g.kind().elt_size_in_bytes()) as u64)
+                .sum::<u64>();
+        }
         reducer.all_reduce_sum(&mut grads)?;
-        let (centre_count, centre_sum) = match (grads.pop(), grads.pop()) {
-            (Some(c), Some(s)) => (c, s),
-            _ => {
-                return Err(DinoError::Shape(
-                    "the centre statistics went missing".into(),
-                ));
+        timings.all_reduce_bytes += losses.all_reduce_bytes;
+        let centre = if ema_center {
+            match (grads.pop(), grads.pop()) {
+                (Some(c), Some(s)) => Some((c, s)),
+                _ => {
+                    return Err(DinoError::Shape(
+                        "the centre statistics went missing".into(),
+                    ));
+                }
             }
+        } else {
+            None
         };
+        timings.all_reduce += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let norms = clip_gradients(&self.trainable, self.cfg.optim.clip_grad);
         let grad_norm = total_norm(&norms);
         let grad_norm_max = if norms.numel() > 0 {
@@ -362,8 +446,13 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             .step(&self.trainable, sv.lr, sv.weight_decay, |n| {
                 frozen && is_last_layer(n)
             })?;
+        timings.optimizer = t.elapsed().as_secs_f64();
+        let t = Instant::now();
         ema_update(&self.ema_pairs, sv.momentum);
-        self.dino_loss.apply_center(&centre_sum, &centre_count);
+        if let Some((centre_count, centre_sum)) = centre {
+            self.dino_loss.apply_center(&centre_sum, &centre_count);
+        }
+        timings.ema = t.elapsed().as_secs_f64();
         let (nn_mean, nn_min) = match &losses.koleo {
             Some(k) => (
                 k.distances.mean(Kind::Float).double_value(&[]),
@@ -373,6 +462,7 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         };
         self.step = sv.step + 1;
         self.last_schedule = Some(sv);
+        self.last_timings = timings;
         Ok(StepMetrics {
             schedule: sv,
             sample_share: share,

@@ -246,3 +246,45 @@ fn loss_falls_in_a_short_run() {
     println!("tiny run dino loss: first 4 steps mean {head:.4}, last 4 mean {tail:.4}");
     assert!(tail < 0.5 * head, "loss did not fall: {losses:?}");
 }
+
+/// A "group" of two whose members hold the same values: every sum is the identity (so the step
+/// is the single-member one) and the reducer records the bytes it was handed.
+struct CountingPair(std::cell::Cell<u64>);
+
+impl protodino_dino::Reducer for CountingPair {
+    fn world_size(&self) -> usize {
+        2
+    }
+
+    fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> protodino_dino::Result<()> {
+        let bytes: u64 = tensors
+            .iter()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum();
+        self.0.set(self.0.get() + bytes);
+        Ok(())
+    }
+}
+
+#[test]
+fn the_step_times_its_phases_and_counts_the_bytes_it_reduces() {
+    let mut t = tiny_trainer(tiny_config());
+    assert_eq!(t.last_timings, protodino_dino::StepTimings::default());
+    t.train_step(&synthetic_batch(0, 2, 2), &LocalReducer)
+        .unwrap();
+    let alone = t.last_timings;
+    assert_eq!(alone.all_reduce_bytes, 0, "nothing moves in a world of one");
+    for (phase, s) in [
+        ("forward", alone.forward),
+        ("backward", alone.backward),
+        ("optimizer", alone.optimizer),
+    ] {
+        assert!(s > 0.0 && s < 60.0, "{phase}: {s}");
+    }
+    assert!(alone.all_reduce >= 0.0 && alone.ema >= 0.0, "{alone:?}");
+
+    let pair = CountingPair(std::cell::Cell::new(0));
+    t.train_step(&synthetic_batch(1, 2, 2), &pair).unwrap();
+    assert!(pair.0.get() > 4, "the gradients were reduced");
+    assert_eq!(t.last_timings.all_reduce_bytes, pair.0.get());
+}

@@ -95,6 +95,7 @@ fn dino_head_logits_eval_and_train() {
         nlayers: 3,
         use_bn: true,
         norm_last_layer: false,
+        prototypes: Default::default(),
     };
     let head = DinoHead::new(&(vs.root() / "head"), 24, &cfg, false);
     weights::load_into(&vs, "", &params).expect("official names load");

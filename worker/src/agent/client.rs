@@ -11,7 +11,9 @@ use tonic::Code;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::client::{TlsArgs, endpoint};
 
 /// Deadline of one call (a coordinator that accepted the connection but hangs is retried).
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -29,14 +31,14 @@ impl Interceptor for Bearer {
 
 pub type WorkerClient = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
 
-/// A client of the coordinator at `url` (`http://host:port`); nothing is dialled until the first
-/// call, so a coordinator that is not up yet is just retried.
-pub fn connect(url: &str, join_token: &str) -> Result<WorkerClient> {
+/// A client of the coordinator at `url` (`http://host:port`, or `https://host:port` with `tls`,
+/// see [`crate::client::endpoint`]); nothing is dialled until the first call, so a coordinator
+/// that is not up yet is just retried.
+pub fn connect(url: &str, join_token: &str, tls: &TlsArgs) -> Result<WorkerClient> {
     let header: MetadataValue<Ascii> = format!("Bearer {join_token}")
         .parse()
         .context("the join token is not valid header text")?;
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("--coordinator {url:?} is not a URL"))?
+    let endpoint = endpoint(url, tls)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true);

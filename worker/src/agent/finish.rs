@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use protodino_proto::v1::{Assignment, ResultReport, StepReport};
 
 use super::job::JobShared;
+use super::metrics::JobMetrics;
 use super::queue::Report;
 use super::session::SessionContext;
 use super::setup::JobData;
-use super::sink::{Leader, checkpoint_report};
+use super::sink::{Leader, checkpoint_report, record_checkpoint};
 use crate::train::{FinalInputs, FinalReport, LoopStats, Trainer, save_checkpoint};
 
 /// How long rank 0 waits, once its reports are all out, for the watermark to cover its last
@@ -25,6 +26,7 @@ const COMMIT_WAIT_MAX: Duration = Duration::from_secs(600);
 pub struct LeaderEnd<'a> {
     pub ctx: &'a SessionContext,
     pub shared: &'a Arc<JobShared>,
+    pub metrics: &'a JobMetrics,
     pub data: &'a JobData,
     pub a: &'a Assignment,
 }
@@ -41,7 +43,9 @@ impl LeaderEnd<'_> {
     ) -> anyhow::Result<()> {
         let (data, a) = (self.data, self.a);
         let keep = data.cfg.train.checkpoint_keep as usize;
+        let written = Instant::now();
         let path = save_checkpoint(trainer, &data.job_dir, keep)?;
+        record_checkpoint(self.metrics, &path, written.elapsed().as_secs_f64());
         let ckpt = checkpoint_report(
             self.shared,
             a.membership_epoch,
@@ -68,9 +72,15 @@ impl LeaderEnd<'_> {
         };
         let report = FinalReport::evaluate(trainer, &inputs, stats, uri, started)?;
         leader.reporter.record(&serde_json::to_value(&report)?)?;
-        self.ctx
-            .metrics
-            .record_unique(&self.shared.job_id, report.unique_prototypes());
+        let collapse = &report.collapse;
+        self.metrics
+            .record_unique(collapse.report.counts.iter().map(|c| (c.eps, c.greedy)));
+        if let Some(u) = &collapse.usage
+            && let (Some(entropy), Some(used)) =
+                (u["mlcd"]["entropy"].as_f64(), u["used_clusters"].as_i64())
+        {
+            self.metrics.record_usage(entropy, used);
+        }
         if let Some(last) = last {
             self.await_commit(last);
         }

@@ -125,8 +125,25 @@ impl JobShared {
     }
 }
 
+/// The span every line of one session is logged in (`docs/service.md`, "Logs"): entered on the
+/// job's thread around the session, so every event of the session carries the job, this
+/// worker, its rank and the membership epoch. ERROR level, so that no log filter that lets any
+/// line through drops the span and its fields.
+pub fn session_span(a: &Assignment, worker: &str, worker_name: &str) -> tracing::Span {
+    tracing::error_span!(
+        "session",
+        job_id = %a.job_id,
+        worker = %worker,
+        worker_name = %worker_name,
+        rank = a.rank,
+        world_size = a.world_size,
+        membership_epoch = a.membership_epoch,
+    )
+}
+
 enum Command {
-    Assign(Box<Assignment>),
+    /// The next assignment and the span its session runs in ([`session_span`]).
+    Assign(Box<Assignment>, tracing::Span),
     /// Let go of the replica and end the thread.
     Drop,
 }
@@ -145,20 +162,23 @@ impl JobHandle {
     /// thread) to end.
     pub fn spawn(
         first: Assignment,
+        span: tracing::Span,
         previous: Option<JoinHandle<()>>,
         ctx: SessionContext,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(JobShared::new(&first));
         let (tx, rx) = channel();
         let latest_epoch = first.membership_epoch;
-        let thread_shared = shared.clone();
+        // Made here, right after the agent started the job's metrics, not once the previous
+        // thread is gone: the runner resolves its `/metrics` series for this job change.
+        let runner = JobRunner::new(ctx, shared.clone());
         let thread = std::thread::Builder::new()
             .name(format!("protodino-job-{}", first.job_id))
             .spawn(move || {
                 if let Some(p) = previous {
                     let _ = p.join();
                 }
-                job_thread(first, rx, JobRunner::new(ctx, thread_shared));
+                job_thread((first, span), rx, runner);
             })?;
         Ok(Self {
             shared,
@@ -171,7 +191,7 @@ impl JobHandle {
     /// Hands a newer assignment of the same job over: the running session (if any) stops at
     /// its next step boundary and the thread takes this one next. False when the thread is
     /// gone.
-    pub fn reassign(&mut self, a: Assignment) -> bool {
+    pub fn reassign(&mut self, a: Assignment, span: tracing::Span) -> bool {
         self.shared.stop(self.latest_epoch);
         self.latest_epoch = a.membership_epoch;
         self.shared.update_status(|s| {
@@ -179,7 +199,9 @@ impl JobHandle {
             s.membership_epoch = a.membership_epoch;
             s.state_hash.clear();
         });
-        self.commands.send(Command::Assign(Box::new(a))).is_ok()
+        self.commands
+            .send(Command::Assign(Box::new(a), span))
+            .is_ok()
     }
 
     /// Retires the job: its session stops at the next step boundary, the replica is dropped;
@@ -191,26 +213,32 @@ impl JobHandle {
     }
 }
 
-fn job_thread(first: Assignment, commands: Receiver<Command>, mut runner: JobRunner) {
+fn job_thread(
+    first: (Assignment, tracing::Span),
+    commands: Receiver<Command>,
+    mut runner: JobRunner,
+) {
     let mut next = Some(first);
     loop {
-        let mut a = match next.take() {
-            Some(a) => a,
+        let (mut a, mut span) = match next.take() {
+            Some(first) => first,
             None => match commands.recv() {
-                Ok(Command::Assign(a)) => *a,
+                Ok(Command::Assign(a, span)) => (*a, span),
                 Ok(Command::Drop) | Err(_) => return,
             },
         };
         // Only the newest of the assignments already waiting matters.
         while let Ok(cmd) = commands.try_recv() {
             match cmd {
-                Command::Assign(b) => a = *b,
+                Command::Assign(b, s) => (a, span) = (*b, s),
                 Command::Drop => return,
             }
         }
         if runner.shared().is_retired() {
             return;
         }
+        // Every line of the session, on this thread, carries the span's fields.
+        let _session = span.enter();
         runner.run(&a);
     }
 }

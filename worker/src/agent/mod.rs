@@ -59,7 +59,7 @@ const LIBTORCH_VERSION: &str = "2.11.0";
 
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
-    /// The coordinator's gRPC address (`http://HOST:PORT`).
+    /// The coordinator's gRPC address (`http://HOST:PORT`, or `https://HOST:PORT` for TLS).
     #[arg(long, env = "PROTODINO_COORDINATOR")]
     pub coordinator: String,
     /// This worker's name in the coordinator (default: the hostname).
@@ -98,8 +98,17 @@ pub struct AgentArgs {
     /// find a group that trained far ahead of its ledger.
     #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub coordinator_grace_ms: u64,
-    /// Logs as JSON lines.
-    #[arg(long)]
+    /// TLS to an `https://` coordinator (with a client certificate for mutual TLS).
+    #[command(flatten)]
+    pub tls: crate::client::TlsArgs,
+    /// Logs as JSON lines on stderr, one object per line; a session's lines carry `job_id`,
+    /// `worker`, `rank` and `membership_epoch` in `span` (docs/service.md, "Logs"). The
+    /// variable takes true/false, 1/0, yes/no or on/off.
+    #[arg(
+        long,
+        env = "PROTODINO_LOG_JSON",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub log_json: bool,
 }
 
@@ -110,7 +119,12 @@ fn init_tracing(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json {
-        fmt.json().init();
+        // The event's fields at the top level, the innermost span's (the session's) in `span`.
+        fmt.json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
     } else {
         fmt.init();
     }
@@ -217,7 +231,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let client = client::connect(&args.coordinator, &token)?;
+        let client = client::connect(&args.coordinator, &token, &args.tls)?;
         let agent = Arc::new(Agent::new(client, name, capabilities, ctx));
         metrics_listener.set_nonblocking(true)?;
         let metrics_listener = tokio::net::TcpListener::from_std(metrics_listener)?;

@@ -189,7 +189,13 @@ async fn deliver(agent: &Agent, report: &Report, job: &JobShared) -> Result<()> 
         let what = report.what();
         match disposition(&status) {
             Disposition::Retry => {
-                tracing::debug!("{what}: {}; retrying", describe(&status));
+                tracing::debug!(
+                    job_id = %job.job_id,
+                    worker = %agent.worker_id(),
+                    membership_epoch = epoch,
+                    "{what}: {}; retrying",
+                    describe(&status)
+                );
                 tokio::time::sleep(backoff.next_delay()).await;
             }
             Disposition::Reregister if !registered_again => {
@@ -198,6 +204,9 @@ async fn deliver(agent: &Agent, report: &Report, job: &JobShared) -> Result<()> 
             }
             Disposition::Stale => {
                 tracing::info!(
+                    job_id = %job.job_id,
+                    worker = %agent.worker_id(),
+                    membership_epoch = epoch,
                     "{what} of job {} (membership {epoch}): {}; stopping that session",
                     job.job_id,
                     describe(&status)
@@ -206,7 +215,13 @@ async fn deliver(agent: &Agent, report: &Report, job: &JobShared) -> Result<()> 
                 return Ok(());
             }
             Disposition::Reject | Disposition::Reregister => {
-                tracing::warn!("{what} refused: {}", describe(&status));
+                tracing::warn!(
+                    job_id = %job.job_id,
+                    worker = %agent.worker_id(),
+                    membership_epoch = epoch,
+                    "{what} refused: {}",
+                    describe(&status)
+                );
                 if matches!(report, Report::Step(_)) {
                     // The coordinator will not take this session's steps: end it.
                     job.stop(epoch);

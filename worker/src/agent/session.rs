@@ -23,7 +23,7 @@ use protodino_proto::v1::{Assignment, FailureReport, WorkerPhase};
 use super::audit::{AuditLine, AuditLog};
 use super::finish::LeaderEnd;
 use super::job::JobShared;
-use super::metrics::Metrics;
+use super::metrics::{JobMetrics, Metrics};
 use super::outcome::Outcome;
 use super::queue::{Report, ReportSender};
 use super::setup::{JobData, check_assignment, prepare};
@@ -31,7 +31,8 @@ use super::sink::{AgentSink, Leader};
 use crate::dist::{Dist, SyncError, tensor_reducer};
 use crate::train::reporter::Reporter;
 use crate::train::{
-    Cadence, LoopEnd, LoopSpec, Trainer, build_job_trainer, checkpoints, run_steps, state_hash,
+    Cadence, LoopEnd, LoopError, LoopSpec, Trainer, build_job_trainer, checkpoints, run_steps,
+    state_hash,
 };
 
 /// Progress deadline of the state broadcast and of the barrier around rank 0's checkpoints:
@@ -71,11 +72,29 @@ pub struct JobRunner {
     replica: Option<Replica>,
     /// Audit lines of steps done but not yet committed when the last session ended.
     audit_carry: Vec<AuditLine>,
+    /// The job's `/metrics` series.
+    metrics: JobMetrics,
+    /// How this worker's previous session of the job ended (the reason label of the regroup
+    /// that follows it).
+    last_end: Option<&'static str>,
+}
+
+/// The `reason` label of the regroup after a session that ended in `o`.
+fn end_label(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Finished => "finished",
+        Outcome::Stopped => "stopped",
+        Outcome::PeerLost { .. } => "peer_lost",
+        Outcome::Failed { .. } => "failed",
+    }
 }
 
 impl JobRunner {
     pub fn new(ctx: SessionContext, shared: Arc<JobShared>) -> Self {
+        let metrics = ctx.metrics.job(&shared.job_id);
         Self {
+            metrics,
+            last_end: None,
             ctx,
             shared,
             data: None,
@@ -110,6 +129,12 @@ impl JobRunner {
             s.state_hash.clear();
         });
         self.shared.observe_watermark(a.resume_step);
+        if a.membership_epoch > 1 {
+            // The job regrouped (or its first group never trained): this session is part of
+            // the new group.
+            self.metrics
+                .record_recovery(self.last_end.unwrap_or("joined"));
+        }
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.session(a)))
             .unwrap_or_else(|panic| {
                 let what = panic
@@ -123,6 +148,7 @@ impl JobRunner {
                 }
                 Outcome::worker(format!("the session panicked: {what}"))
             });
+        self.last_end = Some(end_label(&outcome));
         if self.replica.as_ref().is_some_and(|r| !r.valid) {
             self.replica = None;
         }
@@ -200,7 +226,8 @@ impl JobRunner {
         if threads > 0 {
             tch::set_num_threads(threads as i32);
         }
-        let dist = match form_group(&self.ctx.listener, a, self.ctx.collective_timeout) {
+        let metrics = &self.metrics;
+        let dist = match form_group(&self.ctx.listener, a, self.ctx.collective_timeout, metrics) {
             Ok(d) => d,
             Err(o) => return o,
         };
@@ -223,7 +250,7 @@ impl JobRunner {
         replica
             .trainer
             .set_failure_dir(data.job_dir.join("failures").join(format!("rank-{rank}")));
-        if let Err(o) = sync_state(replica, data, a, &dist) {
+        if let Err(o) = sync_state(replica, data, a, &dist, metrics) {
             return o;
         }
         replica.valid = true;
@@ -231,7 +258,10 @@ impl JobRunner {
             Ok(r) => r,
             Err(e) => {
                 return match e.downcast_ref::<CollectiveError>() {
-                    Some(c) => Outcome::collective("joining the NCCL group", c),
+                    Some(c) => {
+                        metrics.record_collective_error(c);
+                        Outcome::collective("joining the NCCL group", c)
+                    }
                     None => Outcome::worker(format!("{e:#}")),
                 };
             }
@@ -243,6 +273,7 @@ impl JobRunner {
         let mut sink = AgentSink {
             ctx: &self.ctx,
             shared: &self.shared,
+            metrics,
             membership_epoch: a.membership_epoch,
             world: dist.world,
             total_steps: a.total_steps,
@@ -288,6 +319,7 @@ impl JobRunner {
                     let ctx = LeaderEnd {
                         ctx: &self.ctx,
                         shared: &self.shared,
+                        metrics,
                         data,
                         a,
                     };
@@ -298,6 +330,9 @@ impl JobRunner {
                 }
             },
             Err(e) => {
+                if let LoopError::Collective { source, .. } = &e {
+                    metrics.record_collective_error(source);
+                }
                 let (o, valid) = Outcome::from_loop(&e);
                 replica.valid &= valid;
                 o
@@ -315,7 +350,12 @@ impl JobRunner {
 }
 
 /// The collective group of the assignment.
-fn form_group(listener: &TcpListener, a: &Assignment, timeout: Duration) -> Result<Dist, Outcome> {
+fn form_group(
+    listener: &TcpListener,
+    a: &Assignment,
+    timeout: Duration,
+    metrics: &JobMetrics,
+) -> Result<Dist, Outcome> {
     if a.world_size == 1 {
         return Ok(Dist::solo());
     }
@@ -343,7 +383,10 @@ fn form_group(listener: &TcpListener, a: &Assignment, timeout: Duration) -> Resu
             );
             Dist::from_group(g, SLOW_PHASE_DEADLINE)
         })
-        .map_err(|e| Outcome::collective("forming the group", &e))
+        .map_err(|e| {
+            metrics.record_collective_error(&e);
+            Outcome::collective("forming the group", &e)
+        })
 }
 
 /// Makes every member's replica the source's, then checks it is at `resume_step`.
@@ -352,6 +395,7 @@ fn sync_state(
     data: &JobData,
     a: &Assignment,
     dist: &Dist,
+    metrics: &JobMetrics,
 ) -> Result<(), Outcome> {
     let source = a.state_source_rank as usize;
     if dist.rank == source
@@ -403,7 +447,10 @@ fn sync_state(
         ));
         dist.sync_state(trainer, &scratch, source)
             .map_err(|e| match e {
-                SyncError::Collective(e) => Outcome::collective("the state broadcast", &e),
+                SyncError::Collective(e) => {
+                    metrics.record_collective_error(&e);
+                    Outcome::collective("the state broadcast", &e)
+                }
                 SyncError::State(e) => {
                     Outcome::worker(format!("syncing the state from rank {source}: {e}"))
                 }

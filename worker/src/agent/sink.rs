@@ -17,7 +17,7 @@ use protodino_proto::v1::{CheckpointRef, CheckpointReport, Progress, StepReport}
 
 use super::audit::{AuditLine, AuditLog};
 use super::job::JobShared;
-use super::metrics::StepFigures;
+use super::metrics::{JobMetrics, StepFigures};
 use super::queue::Report;
 use super::session::SessionContext;
 use crate::train::hash::perturb_teacher;
@@ -44,6 +44,8 @@ pub struct Leader {
 pub struct AgentSink<'a> {
     pub ctx: &'a SessionContext,
     pub shared: &'a Arc<JobShared>,
+    /// The job's `/metrics` series.
+    pub metrics: &'a JobMetrics,
     pub membership_epoch: i64,
     pub world: usize,
     pub total_steps: i64,
@@ -102,15 +104,15 @@ impl StepSink for AgentSink<'_> {
         };
         self.last_report = Some(report.clone());
         self.ctx.reports.send(self.shared, Report::Step(report));
-        self.ctx.metrics.record_step(
-            &self.shared.job_id,
-            &StepFigures {
-                step: ev.step,
-                dino_loss: m.dino_loss,
-                koleo_proto: m.koleo_proto,
-                images_per_second: ev.images_per_second,
-            },
-        );
+        self.metrics.record_step(&StepFigures {
+            step: ev.step,
+            epoch: ev.epoch,
+            dino_loss: m.dino_loss,
+            koleo_proto: m.koleo_proto,
+            images_per_second: ev.images_per_second,
+            phase_seconds: ev.phase_seconds,
+            all_reduce_bytes: &ev.all_reduce_bytes,
+        });
         self.shared.update_status(|s| s.completed_step = ev.step);
         let watermark = self.shared.watermark();
         if let Some(leader) = &mut self.leader {
@@ -139,9 +141,8 @@ impl StepSink for AgentSink<'_> {
     }
 
     fn on_collapse(&mut self, rec: &CollapseRecord) -> Result<()> {
-        self.ctx
-            .metrics
-            .record_unique(&self.shared.job_id, rec.unique_prototypes());
+        self.metrics
+            .record_unique(rec.report.counts.iter().map(|c| (c.eps, c.greedy)));
         if let Some(leader) = &mut self.leader {
             leader.reporter.record(&rec.to_json())?;
         }
@@ -149,7 +150,8 @@ impl StepSink for AgentSink<'_> {
         Ok(())
     }
 
-    fn on_checkpoint(&mut self, trainer: &Trainer, path: &Path) -> Result<()> {
+    fn on_checkpoint(&mut self, trainer: &Trainer, path: &Path, write_seconds: f64) -> Result<()> {
+        record_checkpoint(self.metrics, path, write_seconds);
         let report = checkpoint_report(
             self.shared,
             self.membership_epoch,
@@ -169,6 +171,14 @@ impl StepSink for AgentSink<'_> {
 
     fn stop_requested(&self) -> bool {
         self.shared.stop_requested(self.membership_epoch)
+    }
+}
+
+/// A written checkpoint in `/metrics`: its write time and its size.
+pub fn record_checkpoint(metrics: &JobMetrics, path: &Path, write_seconds: f64) {
+    match std::fs::metadata(path) {
+        Ok(m) => metrics.record_checkpoint(write_seconds, m.len()),
+        Err(e) => tracing::warn!("the size of {}: {e}", path.display()),
     }
 }
 

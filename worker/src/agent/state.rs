@@ -15,7 +15,7 @@ use protodino_proto::v1::{
 
 use super::backoff::Backoff;
 use super::client::{Disposition, WorkerClient, describe, disposition};
-use super::job::JobHandle;
+use super::job::{JobHandle, session_span};
 use super::session::SessionContext;
 
 /// What a heartbeat described, to interpret its answer.
@@ -104,7 +104,12 @@ impl Agent {
                     }
                     *lock(&self.worker_id) = r.worker_id.clone();
                     self.generation.fetch_add(1, Ordering::SeqCst);
-                    tracing::info!("registered as {}", r.worker_id);
+                    tracing::info!(
+                        worker = %r.worker_id,
+                        worker_name = %self.name,
+                        "registered as {}",
+                        r.worker_id
+                    );
                     return Ok(());
                 }
                 Err(s) => match disposition(&s) {
@@ -190,6 +195,9 @@ impl Agent {
     /// `ABORTED`: the membership the heartbeat named no longer exists.
     pub fn on_stale(&self, sent: &Sent) {
         tracing::info!(
+            job_id = %sent.job_id,
+            worker = %self.worker_id(),
+            membership_epoch = sent.membership_epoch,
             "job {} membership {} no longer exists",
             sent.job_id,
             sent.membership_epoch
@@ -207,13 +215,20 @@ impl Agent {
         if sent.phase == WorkerPhase::Training {
             h.shared.stop(sent.membership_epoch);
         } else if let Some(h) = slot.take() {
-            tracing::info!("dropping the replica of job {}", h.shared.job_id);
+            tracing::info!(
+                job_id = %h.shared.job_id,
+                worker = %self.worker_id(),
+                "dropping the replica of job {}",
+                h.shared.job_id
+            );
             // The thread ends by itself; nothing waits for it here.
             drop(h.retire());
         }
     }
 
     fn on_assign(&self, a: Assignment) {
+        // The assignment's own lines are logged in the session's span too.
+        let span = session_span(&a, &self.worker_id(), &self.name);
         let mut slot = lock(&self.job);
         if let Some(h) = slot.as_mut()
             && h.shared.job_id == a.job_id
@@ -221,29 +236,33 @@ impl Agent {
             if a.membership_epoch <= h.latest_epoch {
                 return; // the same assignment again
             }
+            span.in_scope(|| {
+                tracing::info!(
+                    "job {}: new membership {} (rank {} of {})",
+                    a.job_id,
+                    a.membership_epoch,
+                    a.rank,
+                    a.world_size
+                )
+            });
+            if h.reassign(a.clone(), span.clone()) {
+                return;
+            }
+        }
+        span.in_scope(|| {
             tracing::info!(
-                "job {}: new membership {} (rank {} of {})",
+                "assigned job {} (membership {}, rank {} of {})",
                 a.job_id,
                 a.membership_epoch,
                 a.rank,
                 a.world_size
-            );
-            if h.reassign(a.clone()) {
-                return;
-            }
-        }
-        tracing::info!(
-            "assigned job {} (membership {}, rank {} of {})",
-            a.job_id,
-            a.membership_epoch,
-            a.rank,
-            a.world_size
-        );
+            )
+        });
         let previous = slot.take().and_then(JobHandle::retire);
         self.ctx.metrics.start_job(&a.job_id);
-        match JobHandle::spawn(a, previous, self.ctx.clone()) {
+        match JobHandle::spawn(a, span.clone(), previous, self.ctx.clone()) {
             Ok(h) => *slot = Some(h),
-            Err(e) => tracing::error!("cannot start a training thread: {e}"),
+            Err(e) => span.in_scope(|| tracing::error!("cannot start a training thread: {e}")),
         }
     }
 }

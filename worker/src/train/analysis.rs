@@ -183,8 +183,11 @@ pub fn usage_ids(n_train: usize, n: usize) -> Vec<u64> {
 }
 
 /// Prototype usage of the teacher over `ids` (eval transform): `p(k|x)` is the training target
-/// `softmax((z − c)/τ_t)` with the current centre and the final teacher temperature; groups are
-/// the greedy unique-prototype groups at the headline ε (`eval.unique_eps[0]`).
+/// `softmax((z − c)/τ_t)` with the current centre and the final teacher temperature — plus the
+/// vMF correction `log C_d(‖w_k‖/τ_t)` with `head.prototypes = "vmf"`, folded into the centre
+/// as `c − τ_t·log C_d`; with Sinkhorn-Knopp centring (a batch-level target, no centre) it is
+/// the sharpened softmax with the zero centre. Groups are the greedy unique-prototype groups
+/// at the headline ε (`eval.unique_eps[0]`).
 pub fn usage_figures(
     trainer: &Trainer,
     loader: &Loader,
@@ -193,15 +196,24 @@ pub fn usage_figures(
 ) -> Result<UsageReport> {
     let cfg = &trainer.cfg;
     let k = cfg.head.out_dim;
+    // A view of the trainer's centre on the CPU: never modified in place.
+    let center = trainer
+        .dino_loss
+        .center
+        .to_device(tch::Device::Cpu)
+        .to_kind(Kind::Float)
+        .reshape([k]);
+    let center = if cfg.head.prototypes == protodino_config::PrototypeKind::Vmf {
+        let protos = tch::no_grad(|| trainer.teacher.head.prototypes());
+        let bias = protodino_dino::vmf::logit_correction(&protos, cfg.loss.teacher_temp)?;
+        &center - bias.to_device(tch::Device::Cpu).reshape([k]) * cfg.loss.teacher_temp
+    } else {
+        center
+    };
     let mut acc = UsageAccumulator::new(
         k,
         Assignment::TeacherCentered {
-            center: trainer
-                .dino_loss
-                .center
-                .to_device(tch::Device::Cpu)
-                .to_kind(Kind::Float)
-                .reshape([k]),
+            center,
             teacher_temp: cfg.loss.teacher_temp,
         },
     )?;

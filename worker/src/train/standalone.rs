@@ -62,7 +62,7 @@ impl StepSink for TerminalSink<'_> {
         Ok(())
     }
 
-    fn on_checkpoint(&mut self, _: &Trainer, _: &Path) -> Result<()> {
+    fn on_checkpoint(&mut self, _: &Trainer, _: &Path, _: f64) -> Result<()> {
         Ok(())
     }
 

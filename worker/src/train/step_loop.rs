@@ -5,6 +5,10 @@
 //! rank 0, a barrier around checkpoints) → the [`StepSink`], which decides what a step means to
 //! the outside world (a progress bar and `metrics.jsonl`, or reports to the coordinator).
 //!
+//! Each step is timed by phase with `Instant` only (the wait for the loader's batch here, the
+//! trainer's own phases in `DinoTrainer::last_timings`) and counts the bytes its all-reduces
+//! carried, for the agent's `/metrics`; nothing is synchronised for it.
+//!
 //! The loop ends after the planned last step ([`LoopEnd::Finished`]) or after the step in which
 //! any member voted to stop ([`LoopEnd::Stopped`]; every member ends after that same step, so
 //! none is left blocked in an all-reduce its peers abandoned). Failures are typed
@@ -37,6 +41,18 @@ pub struct LoopSpec<'a> {
     pub checkpoint_keep: usize,
 }
 
+/// The phases of a step in the order they happen: the wait for this member's share of the batch,
+/// then the trainer's phases ([`protodino_dino::StepTimings`]); `all_reduce` includes the losses'
+/// all-reduce that carries the stop vote.
+pub const PHASES: [&str; 6] = [
+    "data_wait",
+    "forward",
+    "backward",
+    "all_reduce",
+    "optimizer",
+    "ema",
+];
+
 /// One completed step, as every member saw it.
 pub struct StepEvent<'a> {
     /// Completed steps (the step just done is `step - 1`).
@@ -54,6 +70,11 @@ pub struct StepEvent<'a> {
     pub due: Due,
     /// Greedy unique prototypes of the latest finished analysis (-1: none yet).
     pub unique_prototypes: i64,
+    /// Seconds of each of [`PHASES`], in that order.
+    pub phase_seconds: [f64; 6],
+    /// Bytes of the buffers the step all-reduced, by transport: the step's tensors through the
+    /// reducer, then the losses and the stop vote through the ring (0 in a world of one).
+    pub all_reduce_bytes: [(&'static str, u64); 2],
 }
 
 impl StepEvent<'_> {
@@ -77,8 +98,13 @@ pub trait StepSink {
     fn on_step(&mut self, trainer: &mut Trainer, ev: &StepEvent<'_>) -> anyhow::Result<()>;
     /// A background analysis finished (rank 0; `rec.step` is the step it describes).
     fn on_collapse(&mut self, rec: &CollapseRecord) -> anyhow::Result<()>;
-    /// Rank 0 wrote a periodic checkpoint.
-    fn on_checkpoint(&mut self, trainer: &Trainer, path: &Path) -> anyhow::Result<()>;
+    /// Rank 0 wrote a periodic checkpoint, in `write_seconds`.
+    fn on_checkpoint(
+        &mut self,
+        trainer: &Trainer,
+        path: &Path,
+        write_seconds: f64,
+    ) -> anyhow::Result<()>;
     /// A line for a human (a skipped record, a skipped analysis).
     fn note(&mut self, line: String);
     /// This member's stop vote, cast after every step.
@@ -187,9 +213,11 @@ pub fn run_steps(
             .collect();
         let mut stream = spec.loader.epoch(epoch as u64, shares);
         for global in &globals {
+            let waited = Instant::now();
             let mb = stream.next().ok_or_else(|| {
                 anyhow::anyhow!("the data stream of epoch {epoch} ended before its last step")
             })?;
+            let data_wait = waited.elapsed().as_secs_f64();
             let t0 = Instant::now();
             stats.skipped_total += mb.skipped.len();
             for s in &mb.skipped {
@@ -213,10 +241,27 @@ pub fn run_steps(
             // Each member's losses are over its share; log those of the global batch, and
             // count the stop vote in the same all-reduce.
             let mut v = [m.dino_loss, m.teacher_entropy, m.total];
+            let voted = Instant::now();
             let stop = dist
                 .mean_and_vote(&mut v, m.sample_share, sink.stop_requested())
                 .map_err(collective("step-metrics all-reduce", true))?;
+            let vote_seconds = voted.elapsed().as_secs_f64();
             [m.dino_loss, m.teacher_entropy, m.total] = v;
+            let t = trainer.last_timings;
+            let phase_seconds = [
+                data_wait,
+                t.forward,
+                t.backward,
+                t.all_reduce + vote_seconds,
+                t.optimizer,
+                t.ema,
+            ];
+            // The vote's all-reduce: the logged values and the vote, as f32.
+            let vote_bytes = if world > 1 {
+                ((v.len() + 1) * std::mem::size_of::<f32>()) as u64
+            } else {
+                0
+            };
             stats.images_seen += global.len();
             let step = trainer.step;
             let d = due(step, spec.total_steps, &spec.cadence);
@@ -243,12 +288,18 @@ pub fn run_steps(
                 skipped_total: stats.skipped_total,
                 due: d,
                 unique_prototypes: unique,
+                phase_seconds,
+                all_reduce_bytes: [
+                    (reducer.transport(), t.all_reduce_bytes),
+                    (dist.transport(), vote_bytes),
+                ],
             };
             sink.on_step(trainer, &ev)?;
             if d.checkpoint {
                 if leader {
+                    let written = Instant::now();
                     let path = save_checkpoint(trainer, spec.checkpoint_dir, spec.checkpoint_keep)?;
-                    sink.on_checkpoint(trainer, &path)?;
+                    sink.on_checkpoint(trainer, &path, written.elapsed().as_secs_f64())?;
                 }
                 // The others wait out the save with a long deadline, so their next all-reduce
                 // does not count it against its own.
@@ -277,9 +328,12 @@ mod tests {
     use crate::train::testing::{noise_images, tiny_config};
     use protodino_collectives::{GroupOptions, GroupSpec, RingGroup, bind_listener};
 
-    /// Records the steps it saw and votes to stop from the step after `stop_after`.
+    /// Records the steps it saw (with their phase times and all-reduce bytes) and votes to
+    /// stop from the step after `stop_after`.
     struct Recorder {
         steps: Vec<i64>,
+        phases: Vec<[f64; 6]>,
+        bytes: Vec<[(&'static str, u64); 2]>,
         stop_after: Option<i64>,
         stop: bool,
     }
@@ -288,6 +342,8 @@ mod tests {
         fn new(stop_after: Option<i64>) -> Self {
             Self {
                 steps: Vec::new(),
+                phases: Vec::new(),
+                bytes: Vec::new(),
                 stop_after,
                 stop: false,
             }
@@ -297,6 +353,8 @@ mod tests {
     impl StepSink for Recorder {
         fn on_step(&mut self, _: &mut Trainer, ev: &StepEvent<'_>) -> anyhow::Result<()> {
             self.steps.push(ev.step);
+            self.phases.push(ev.phase_seconds);
+            self.bytes.push(ev.all_reduce_bytes);
             if self.stop_after == Some(ev.step) {
                 self.stop = true;
             }
@@ -305,7 +363,7 @@ mod tests {
         fn on_collapse(&mut self, _: &CollapseRecord) -> anyhow::Result<()> {
             Ok(())
         }
-        fn on_checkpoint(&mut self, _: &Trainer, _: &Path) -> anyhow::Result<()> {
+        fn on_checkpoint(&mut self, _: &Trainer, _: &Path, _: f64) -> anyhow::Result<()> {
             Ok(())
         }
         fn note(&mut self, _: String) {}
@@ -347,6 +405,15 @@ mod tests {
         assert_eq!(end, LoopEnd::Stopped);
         assert_eq!(sink.steps, vec![1, 2, 3], "the vote of step 3 ends it");
         assert_eq!((t.step, stats.images_seen), (3, 24));
+        for (phases, bytes) in sink.phases.iter().zip(&sink.bytes) {
+            // The forward, backward and optimiser always take time; nothing moves alone.
+            assert!(phases.iter().all(|s| (0.0..60.0).contains(s)), "{phases:?}");
+            assert!(
+                phases[1] > 0.0 && phases[2] > 0.0 && phases[4] > 0.0,
+                "{phases:?}"
+            );
+            assert_eq!(bytes.map(|b| b.1), [0, 0], "{bytes:?}");
+        }
 
         let mut sink = Recorder::new(None);
         let (end, _) = run_member(&mut t, &Dist::solo(), &mut sink);
@@ -375,7 +442,8 @@ mod tests {
             .iter()
             .map(|l| l.local_addr().unwrap().to_string())
             .collect();
-        let results: Vec<(Vec<i64>, LoopEnd, i64, [u8; 32])> = std::thread::scope(|s| {
+        type Seen = (Vec<i64>, Vec<[(&'static str, u64); 2]>);
+        let results: Vec<(Seen, LoopEnd, i64, [u8; 32])> = std::thread::scope(|s| {
             let handles: Vec<_> = trainers
                 .iter_mut()
                 .zip(listeners)
@@ -394,17 +462,26 @@ mod tests {
                         // Rank 1 alone wants to stop, from the step after step 2.
                         let mut sink = Recorder::new((rank == 1).then_some(2));
                         let (end, _) = run_member(trainer, &dist, &mut sink);
-                        (sink.steps, end, trainer.step, state_hash(trainer).unwrap())
+                        let seen = (sink.steps, sink.bytes);
+                        (seen, end, trainer.step, state_hash(trainer).unwrap())
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        for (steps, end, step, _) in &results {
+        for ((steps, bytes), end, step, _) in &results {
             assert_eq!(*end, LoopEnd::Stopped);
             assert_eq!(steps, &vec![1, 2, 3]);
             assert_eq!(*step, 3);
+            // Both ranks share this host: every all-reduce goes through shared memory, the
+            // step's tensors (gradients and more) and the 3 losses with the vote (16 bytes).
+            for [(grads_via, grads), (vote_via, vote)] in bytes {
+                assert_eq!((*grads_via, *vote_via), ("shm", "shm"));
+                assert!(*grads > 1000, "{grads}");
+                assert_eq!(*vote, 16);
+            }
         }
+        assert_eq!(results[0].0.1, results[1].0.1, "both ranks moved the same");
         assert_eq!(
             results[0].3, results[1].3,
             "the replicas stay bit-identical"
@@ -427,7 +504,7 @@ mod non_finite_tests {
         fn on_collapse(&mut self, _: &CollapseRecord) -> anyhow::Result<()> {
             Ok(())
         }
-        fn on_checkpoint(&mut self, _: &Trainer, _: &Path) -> anyhow::Result<()> {
+        fn on_checkpoint(&mut self, _: &Trainer, _: &Path, _: f64) -> anyhow::Result<()> {
             Ok(())
         }
         fn note(&mut self, _: String) {}

@@ -184,3 +184,91 @@ fn an_idempotency_key_returns_the_first_job_or_names_the_conflict() {
     assert_eq!(code(&other.unwrap_err()), "ALREADY_EXISTS");
     assert_eq!(w.core.jobs().count(), 1);
 }
+
+/// Finished jobs beyond the newest `RETAIN_FINISHED` leave memory once retired; their
+/// figures stay in the snapshot.
+#[test]
+fn finished_jobs_are_retired_with_their_figures() {
+    use crate::core::RETAIN_FINISHED;
+    let mut w = World::new();
+    let n = RETAIN_FINISHED + 3;
+    for i in 0..n {
+        let id = format!("j{i:04}");
+        w.submit(&id, 1, 1, 4, 16, 1);
+        w.apply(|core, _, _, ch| core.cancel(&id, "", ch))
+            .0
+            .unwrap();
+    }
+    assert_eq!(
+        w.core.jobs().count(),
+        n,
+        "nothing leaves before it is retired"
+    );
+    assert_eq!(w.core.retire(), 3);
+    assert_eq!(w.core.jobs().count(), RETAIN_FINISHED);
+    assert!(w.core.job("j0000").is_none() && w.core.job("j0003").is_some());
+    let snap = w.core.snapshot();
+    let cancelled = snap
+        .jobs_by_state
+        .iter()
+        .find(|(s, _)| *s == JobState::Cancelled)
+        .unwrap()
+        .1;
+    assert_eq!(cancelled, n as i64);
+    assert_eq!(w.core.retire(), 0);
+}
+
+/// What `/metrics` takes from the core besides the states: the seconds from a group's
+/// formation to its first commit, the committed samples, and the checkpoint records (a
+/// repeated report adds none).
+#[test]
+fn the_snapshot_times_the_rendezvous_and_counts_samples_and_checkpoint_records() {
+    use protodino_proto::v1::{CheckpointRef, CheckpointReport};
+    let mut w = World::new();
+    w.submit("job-a", 2, 2, 4, 16, 1);
+    w.register("a");
+    w.at(500);
+    // The second idle worker: the group forms now.
+    w.register("b");
+    w.at(1_000);
+    let (e, _) = w.start_group("job-a", &["w-a", "w-b"]);
+    w.at(3_000);
+    w.report("w-a", "job-a", e, 1, &[]).unwrap();
+    let rendezvous = |w: &World| w.core.snapshot().recoveries.rendezvous_seconds;
+    assert_eq!(rendezvous(&w).count(), 0, "step 1 is not committed yet");
+    w.report("w-b", "job-a", e, 1, &[]).unwrap();
+    assert_eq!(rendezvous(&w).count(), 1);
+    assert!(
+        (rendezvous(&w).sum() - 2.5).abs() < 1e-9,
+        "{}",
+        rendezvous(&w).sum()
+    );
+    w.at(4_000);
+    for m in ["w-a", "w-b"] {
+        w.report(m, "job-a", e, 2, &[]).unwrap();
+    }
+    let snap = w.core.snapshot();
+    assert_eq!(snap.recoveries.rendezvous_seconds.count(), 1, "one group");
+    assert_eq!((snap.committed_steps, snap.committed_samples), (2, 8));
+
+    let checkpoint = |w: &mut World, step: i64| {
+        let r = CheckpointReport {
+            worker_id: "w-a".into(),
+            job_id: "job-a".into(),
+            membership_epoch: e,
+            checkpoint: Some(CheckpointRef {
+                step,
+                epoch: 0,
+                uri: format!("jobs/job-a/checkpoint-{step:08}.safetensors"),
+                sha256: "cd".repeat(32),
+            }),
+        };
+        w.apply(|c, now, _, ch| c.report_checkpoint(now, &r, ch))
+            .0
+            .unwrap();
+        w.core.snapshot().checkpoint_records
+    };
+    assert_eq!(checkpoint(&mut w, 2), 1);
+    assert_eq!(checkpoint(&mut w, 2), 1, "the same report again");
+    assert_eq!(checkpoint(&mut w, 1), 2);
+}

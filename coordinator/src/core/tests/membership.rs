@@ -360,6 +360,7 @@ fn restart(w: &World) -> World {
         w.now,
         jobs,
         Default::default(),
+        Default::default(),
         &mut ch,
     );
     World {

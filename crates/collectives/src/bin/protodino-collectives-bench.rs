@@ -28,79 +28,66 @@ use protodino_collectives::{GroupOptions, GroupSpec, ReduceOp, RingGroup, bind_l
 
 const SECRET: &[u8] = b"bench-secret";
 
+#[derive(clap::Parser)]
+#[command(
+    name = "protodino-collectives-bench",
+    version,
+    about = "All-reduce bus bandwidth of protodino's shared-memory and TCP-ring transports, \
+             optionally against torch.distributed (gloo)"
+)]
 struct Args {
+    /// World sizes to measure (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
     worlds: Vec<usize>,
+    /// Smallest message, in bytes (sizes double up to --max-bytes).
+    #[arg(long, default_value_t = 1 << 10)]
     min_bytes: usize,
+    /// Largest message, in bytes.
+    #[arg(long, default_value_t = 256 << 20)]
     max_bytes: usize,
+    /// Python interpreter with torch, to run the gloo side (without it only protodino runs).
+    #[arg(long)]
     python: Option<String>,
+    /// The gloo side's script.
+    #[arg(long, default_value = "crates/collectives/reference/bench_gloo.py")]
     gloo_script: String,
+    /// Internal: run as one rank (rendezvous over stdin/stdout).
+    #[arg(long, hide = true)]
     worker: bool,
-    /// Transports to measure (`shm`, `tcp`), each its own column.
+    /// Transports to measure (`shm`, `tcp`, comma separated), each its own column.
+    #[arg(long, value_delimiter = ',', default_value = "shm,tcp")]
     transports: Vec<String>,
-    /// Ring tuning (defaults: [`GroupOptions::default`]).
+    /// Ring chunk size, in bytes.
+    #[arg(long, default_value_t = GroupOptions::default().chunk_bytes)]
     chunk_bytes: usize,
+    /// Socket send/receive buffer size, in bytes.
+    #[arg(long, default_value_t = GroupOptions::default().socket_buffer_bytes)]
     socket_buffer_bytes: usize,
+    /// Operations from this many bytes up send on a thread of their own (default: never).
+    #[arg(long)]
     sender_thread_min_bytes: Option<usize>,
+    /// When no socket is ready, retry this many microseconds before sleeping in poll(2).
+    #[arg(long, default_value_t = GroupOptions::default().spin.as_micros() as u64)]
     spin_us: u64,
+    /// Shared-memory chunk size, in bytes.
+    #[arg(long, default_value_t = GroupOptions::default().shm_chunk_bytes)]
     shm_chunk_bytes: usize,
     /// Timed trials per size; the fastest counts (the machine is shared, so slower trials
     /// measure the neighbours). Same rule in the gloo script.
+    #[arg(long, default_value_t = 5)]
     trials: usize,
     /// Also write every row as JSON here.
+    #[arg(long)]
     json: Option<String>,
     /// Fresh-process rounds per world (ring then gloo each time); the fastest counts per size.
+    #[arg(long, default_value_t = 1)]
     rounds: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        worlds: vec![2, 4],
-        min_bytes: 1 << 10,
-        max_bytes: 256 << 20,
-        python: None,
-        gloo_script: "crates/collectives/reference/bench_gloo.py".into(),
-        worker: false,
-        transports: vec!["shm".into(), "tcp".into()],
-        shm_chunk_bytes: GroupOptions::default().shm_chunk_bytes,
-        chunk_bytes: GroupOptions::default().chunk_bytes,
-        socket_buffer_bytes: GroupOptions::default().socket_buffer_bytes,
-        trials: 5,
-        json: None,
-        rounds: 1,
-        sender_thread_min_bytes: None,
-        spin_us: GroupOptions::default().spin.as_micros() as u64,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let flag = argv[i].as_str();
-        if flag == "--worker" {
-            a.worker = true;
-            i += 1;
-            continue;
-        }
-        let v = argv
-            .get(i + 1)
-            .with_context(|| format!("{flag} needs a value"))?;
-        match flag {
-            "--worlds" => a.worlds = v.split(',').map(str::parse).collect::<Result<_, _>>()?,
-            "--min-bytes" => a.min_bytes = v.parse()?,
-            "--max-bytes" => a.max_bytes = v.parse()?,
-            "--python" => a.python = Some(v.clone()),
-            "--gloo-script" => a.gloo_script = v.clone(),
-            "--spin-us" => a.spin_us = v.parse()?,
-            "--transports" => a.transports = v.split(',').map(str::to_string).collect(),
-            "--shm-chunk-bytes" => a.shm_chunk_bytes = v.parse()?,
-            "--sender-thread-min-bytes" => a.sender_thread_min_bytes = Some(v.parse()?),
-            "--trials" => a.trials = v.parse::<usize>()?.max(1),
-            "--json" => a.json = Some(v.clone()),
-            "--rounds" => a.rounds = v.parse::<usize>()?.max(1),
-            "--chunk-bytes" => a.chunk_bytes = v.parse()?,
-            "--socket-buffer-bytes" => a.socket_buffer_bytes = v.parse()?,
-            _ => bail!("unknown flag {flag}"),
-        }
-        i += 2;
-    }
+    let mut a = <Args as clap::Parser>::parse();
+    a.trials = a.trials.max(1);
+    a.rounds = a.rounds.max(1);
     if let Some(t) = a
         .transports
         .iter()

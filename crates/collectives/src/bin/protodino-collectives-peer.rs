@@ -76,28 +76,44 @@ fn listen(options: &GroupOptions) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+#[derive(clap::Parser)]
+#[command(
+    name = "protodino-collectives-peer",
+    version,
+    about = "Test support: one rank of a collective group, driven by line commands on stdin \
+             (GROUP, ALLREDUCE, LOOP, REBIND, EXIT; see the source header)"
+)]
+struct Args {
+    /// The group secret.
+    #[arg(long, default_value = "test-group-secret")]
+    secret: String,
+    /// Progress deadline of every operation, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    timeout_ms: u64,
+    /// Deadline for forming the group, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+    /// Whether ranks on one host use the shared-memory transport (default: the library's).
+    #[arg(long, value_parser = ["on", "off"])]
+    shared_memory: Option<String>,
+    /// Shared-memory chunk size, in bytes (default: the library's).
+    #[arg(long)]
+    shm_chunk_bytes: Option<usize>,
+}
+
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let mut secret = b"test-group-secret".to_vec();
+    let args = <Args as clap::Parser>::parse();
+    let secret = args.secret.into_bytes();
     let mut options = GroupOptions {
-        timeout: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(10),
+        timeout: Duration::from_millis(args.timeout_ms),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         ..Default::default()
     };
-    let mut i = 1;
-    while i < args.len() {
-        let value = args.get(i + 1).context("flag without value")?;
-        match args[i].as_str() {
-            "--secret" => secret = value.as_bytes().to_vec(),
-            "--timeout-ms" => options.timeout = Duration::from_millis(value.parse()?),
-            "--connect-timeout-ms" => {
-                options.connect_timeout = Duration::from_millis(value.parse()?)
-            }
-            "--shared-memory" => options.shared_memory = value == "on",
-            "--shm-chunk-bytes" => options.shm_chunk_bytes = value.parse()?,
-            other => bail!("unknown flag {other}"),
-        }
-        i += 2;
+    if let Some(v) = &args.shared_memory {
+        options.shared_memory = v == "on";
+    }
+    if let Some(n) = args.shm_chunk_bytes {
+        options.shm_chunk_bytes = n;
     }
     let mut listener = Some(listen(&options)?);
     let mut group: Option<RingGroup> = None;

@@ -5,9 +5,10 @@
 //! * `cpu`:  2 × 32 + 6 × 16 (configs/cpu-demo.toml scales (0.4, 1) / (0.1, 0.4)).
 //!
 //! ```text
-//! protodino-data-bench [photos=DIR] [fmnist=SHARD_DIR] [threads=2] [images=512] [batch=64]
-//!                      [repeats=3]
+//! protodino-data-bench [--photos DIR] [--fmnist SHARD_DIR] [--threads 2] [--images 512]
+//!                      [--batch 64] [--repeats 3]
 //! ```
+//! The older `key=value` spelling (`photos=DIR threads=2`) is still accepted.
 //! Two figures per row: wall-clock images/s (best of `repeats` runs, the least disturbed by
 //! other load) and images per CPU-second of the whole process (user + system time of all
 //! threads from `/proc/self/stat`, robust to a shared machine).
@@ -20,7 +21,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+use clap::Parser;
 use protodino_config::{CropsConfig, DataConfig, DatasetFormat, TrainConfig};
 use protodino_data::{Loader, SharedDataset, open_dataset};
 
@@ -90,23 +92,57 @@ fn run(
     (done as f64 / secs, done as f64 / cpu.max(1e-9))
 }
 
+#[derive(Parser)]
+#[command(
+    name = "protodino-data-bench",
+    version,
+    about = "Images per second of the full multi-crop pipeline on an ImageFolder of photographs \
+             and/or the Fashion-MNIST shards"
+)]
+struct Args {
+    /// An ImageFolder of JPEG photographs (`reference/bench_torchvision.py --make-photos DIR`).
+    #[arg(long)]
+    photos: Option<PathBuf>,
+    /// The Fashion-MNIST shard directory that `cargo xtask data` provisions.
+    #[arg(long)]
+    fmnist: Option<PathBuf>,
+    /// Decode/augment threads of the loader.
+    #[arg(long, default_value_t = 2)]
+    threads: i64,
+    /// Images per run of the `dino` preset (the `cpu` preset runs 8 times as many).
+    #[arg(long, default_value_t = 512)]
+    images: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Runs per row; the fastest counts.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+/// The options of the older `key=value` spelling.
+const KEYS: [&str; 6] = ["photos", "fmnist", "threads", "images", "batch", "repeats"];
+
+/// `key=value` arguments (the older spelling) as `--key=value`.
+fn modern(args: impl Iterator<Item = String>) -> Vec<String> {
+    args.map(|a| match a.split_once('=') {
+        Some((k, _)) if KEYS.contains(&k) => format!("--{a}"),
+        _ => a,
+    })
+    .collect()
+}
+
 fn main() -> Result<()> {
-    let mut photos: Option<PathBuf> = None;
-    let mut fmnist: Option<PathBuf> = None;
-    let (mut threads, mut images, mut batch, mut repeats) = (2i64, 512usize, 64usize, 3usize);
-    for a in std::env::args().skip(1) {
-        let (k, v) = a
-            .split_once('=')
-            .with_context(|| format!("expected key=value, got {a}"))?;
-        match k {
-            "photos" => photos = Some(v.into()),
-            "fmnist" => fmnist = Some(v.into()),
-            "threads" => threads = v.parse()?,
-            "images" => images = v.parse()?,
-            "batch" => batch = v.parse()?,
-            "repeats" => repeats = v.parse()?,
-            _ => bail!("unknown option {k}"),
-        }
+    let Args {
+        photos,
+        fmnist,
+        threads,
+        images,
+        batch,
+        repeats,
+    } = Args::parse_from(modern(std::env::args()));
+    if images == 0 || batch == 0 {
+        bail!("--images and --batch must be at least 1");
     }
     let cfg = TrainConfig::defaults()?;
     let data = DataConfig {
@@ -128,7 +164,7 @@ fn main() -> Result<()> {
         ));
     }
     if sets.is_empty() {
-        bail!("give photos=DIR and/or fmnist=SHARD_DIR");
+        bail!("give --photos DIR and/or --fmnist SHARD_DIR");
     }
     println!("impl\tdataset\tpreset\tthreads\timages/s\timages/cpu-s");
     for (name, ds) in &sets {
