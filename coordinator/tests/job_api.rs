@@ -272,7 +272,20 @@ async fn metrics_count_jobs_by_state() {
     })
     .await
     .unwrap();
+    let refused = c
+        .jobs_with("nope")
+        .await
+        .submit_job(SubmitJobRequest {
+            spec: Some(demo_spec()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
     let body = http_get(&c.metrics_addr, "/metrics").await;
+    assert!(
+        body.contains("protodino_unauthenticated_requests_total{service=\"job\"} 1"),
+        "{body}"
+    );
     assert!(
         body.contains("protodino_jobs{state=\"queued\"} 1"),
         "{body}"

@@ -109,7 +109,7 @@ pub struct HeadConfig {
 }
 
 /// `head.prototypes`: how the prototype layer's rows are read (docs/algorithm.md §1.10).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PrototypeKind {
     /// DINO: logits are `w_k·y` (unit-norm rows when `norm_last_layer`).
@@ -121,12 +121,30 @@ pub enum PrototypeKind {
 }
 
 impl PrototypeKind {
+    /// Every configuration name.
+    pub const NAMES: &'static [&'static str] = &["normalised", "vmf"];
+
     /// The configuration name (`normalised`, `vmf`).
     pub fn name(self) -> &'static str {
         match self {
             PrototypeKind::Normalised => "normalised",
             PrototypeKind::Vmf => "vmf",
         }
+    }
+
+    /// The variant of a configuration name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [PrototypeKind::Normalised, PrototypeKind::Vmf]
+            .into_iter()
+            .find(|v| v.name() == s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PrototypeKind {
+    /// From its name; any other is an error listing the names (the loader adds the key).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::from_name(&s).ok_or_else(|| serde::de::Error::unknown_variant(&s, Self::NAMES))
     }
 }
 
@@ -146,7 +164,7 @@ pub struct LossConfig {
 }
 
 /// `loss.centering`: how the teacher's targets are centred (docs/algorithm.md §1.6).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Centering {
     /// DINO: `softmax((z − c)/τ_t)` with the EMA centre `c` of the raw teacher logits.
@@ -158,12 +176,30 @@ pub enum Centering {
 }
 
 impl Centering {
+    /// Every configuration name.
+    pub const NAMES: &'static [&'static str] = &["ema", "sinkhorn"];
+
     /// The configuration name (`ema`, `sinkhorn`).
     pub fn name(self) -> &'static str {
         match self {
             Centering::Ema => "ema",
             Centering::Sinkhorn => "sinkhorn",
         }
+    }
+
+    /// The variant of a configuration name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [Centering::Ema, Centering::Sinkhorn]
+            .into_iter()
+            .find(|v| v.name() == s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Centering {
+    /// From its name; any other is an error listing the names (the loader adds the key).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::from_name(&s).ok_or_else(|| serde::de::Error::unknown_variant(&s, Self::NAMES))
     }
 }
 

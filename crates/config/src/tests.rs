@@ -193,6 +193,7 @@ fn unknown_variant_names_are_errors_naming_the_key() {
         let e = TrainConfig::from_toml_str(toml).unwrap_err();
         assert!(matches!(e, ConfigError::Load(_)), "{e}");
         let e = e.to_string();
+        println!("{e}");
         assert!(e.contains(key) && e.contains(value), "{e}");
     }
 }

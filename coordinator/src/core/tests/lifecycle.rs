@@ -234,21 +234,36 @@ fn the_snapshot_times_the_rendezvous_and_counts_samples_and_checkpoint_records()
     let (e, _) = w.start_group("job-a", &["w-a", "w-b"]);
     w.at(3_000);
     w.report("w-a", "job-a", e, 1, &[]).unwrap();
-    let rendezvous = |w: &World| w.core.snapshot().recoveries.rendezvous_seconds;
-    assert_eq!(rendezvous(&w).count(), 0, "step 1 is not committed yet");
+    // The histogram as `/metrics` shows it.
+    let rendezvous = |w: &World| {
+        let text = crate::metrics::render(&w.core.snapshot(), &Default::default()).unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .map(|v| v.parse::<f64>().unwrap())
+        };
+        (
+            value("protodino_rendezvous_seconds_count"),
+            value("protodino_rendezvous_seconds_sum"),
+        )
+    };
+    assert_eq!(
+        rendezvous(&w),
+        (Some(0.0), Some(0.0)),
+        "step 1 is not committed yet"
+    );
     w.report("w-b", "job-a", e, 1, &[]).unwrap();
-    assert_eq!(rendezvous(&w).count(), 1);
-    assert!(
-        (rendezvous(&w).sum() - 2.5).abs() < 1e-9,
-        "{}",
-        rendezvous(&w).sum()
+    assert_eq!(
+        rendezvous(&w),
+        (Some(1.0), Some(2.5)),
+        "formed at 0.5 s, committed at 3 s"
     );
     w.at(4_000);
     for m in ["w-a", "w-b"] {
         w.report(m, "job-a", e, 2, &[]).unwrap();
     }
+    assert_eq!(rendezvous(&w), (Some(1.0), Some(2.5)), "one group");
     let snap = w.core.snapshot();
-    assert_eq!(snap.recoveries.rendezvous_seconds.count(), 1, "one group");
     assert_eq!((snap.committed_steps, snap.committed_samples), (2, 8));
 
     let checkpoint = |w: &mut World, step: i64| {
