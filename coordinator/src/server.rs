@@ -100,10 +100,10 @@ pub async fn serve(
     let mutual_tls = cfg.tls.as_ref().is_some_and(|t| t.mutual);
     let counts = scheduler.clone();
     let worker_service = WorkerServiceServer::with_interceptor(workers, move |req| {
-        if mutual_tls {
-            crate::auth::require_client_cert(&req)?;
-        }
         let refused = |_: &_| counts.api_counts().unauthenticated("worker");
+        if mutual_tls {
+            crate::auth::require_client_cert(&req).inspect_err(refused)?;
+        }
         join_auth.check(req).inspect_err(refused)
     });
 

@@ -147,7 +147,8 @@ pub struct StepTimings {
     pub optimizer: f64,
     /// The teacher's EMA and the centre update.
     pub ema: f64,
-    /// Bytes of the buffers the step all-reduced (0 in a world of one, where nothing moves).
+    /// Bytes of the buffers the step all-reduced (0 in a world of one, where nothing moves),
+    /// including Sinkhorn-Knopp's sums, which run (and are timed) in the forward.
     pub all_reduce_bytes: u64,
 }
 
@@ -201,6 +202,16 @@ impl<N: DinoNetwork> std::fmt::Debug for DinoTrainer<N> {
     }
 }
 
+/// Runs `f` with libtorch's global generator seeded with `seed`, holding a process-wide lock:
+/// two trainers built at once in one process (two sessions of an agent, tests in parallel)
+/// would otherwise interleave their draws and get weights that depend on timing.
+pub fn seeded<R>(seed: i64, f: impl FnOnce() -> R) -> R {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(seed);
+    f()
+}
+
 impl<N: DinoNetwork> DinoTrainer<N> {
     /// Build student (`root/"student"`, `build(path, true)`) and teacher (`root/"teacher"`,
     /// `build(path, false)`) in their own VarStores on `cfg.train.device`, seeding libtorch's
@@ -216,11 +227,13 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         if world_size == 0 {
             return Err(DinoError::Config("world size must be >= 1".into()));
         }
-        tch::manual_seed(cfg.train.seed as i64);
-        let student_vs = VarStore::new(device);
-        let student = build(&(student_vs.root() / "student"), true);
-        let mut teacher_vs = VarStore::new(device);
-        let teacher = build(&(teacher_vs.root() / "teacher"), false);
+        let (student_vs, student, mut teacher_vs, teacher) = seeded(cfg.train.seed as i64, || {
+            let student_vs = VarStore::new(device);
+            let student = build(&(student_vs.root() / "student"), true);
+            let teacher_vs = VarStore::new(device);
+            let teacher = build(&(teacher_vs.root() / "teacher"), false);
+            (student_vs, student, teacher_vs, teacher)
+        });
         teacher_vs.freeze();
         // Initial copy covers buffers too (`load_state_dict(student.state_dict())`).
         let init_pairs =

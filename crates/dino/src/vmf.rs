@@ -22,7 +22,7 @@
 //!
 //! **Computing `log C_d(κ)`.** With `ν = d/2 − 1`, `log C_d(κ) = ν ln κ − (ν+1) ln 2π − ln I_ν(κ)`
 //! and `d/dκ log C_d(κ) = −I_{ν+1}(κ)/I_ν(κ)`. Both are computed in f64 for any `ν ≥ 0` and
-//! `κ ≥ 0` without overflow (`I_127(5000)` is about e^4900):
+//! `κ ≥ 0` without overflow (`I_127(5000)` is about e^4993):
 //! * small κ (`κ² ≤ 4(ν+1)`): the power series of `I_ν(κ)/(κ/2)^ν`, whose terms shrink at least
 //!   like `1/k!` there, so `log C_d` is taken without the `ν ln κ` cancellation and is exact at
 //!   κ = 0 (the log of one over the sphere's area);
@@ -34,7 +34,7 @@
 //! The tests check both against SciPy (`scripts/vmf_log_normaliser.py` → a committed fixture).
 //! In the training step the values and derivatives are computed on the CPU for the K norms and
 //! enter the graph as `value + (κ − κ̂)·derivative` (κ̂ the detached κ): the forward value is the
-//! f64 value, the gradient with respect to the prototypes the exact one.
+//! f64 value (rounded to fp32), the gradient with respect to the prototypes the exact one.
 
 use tch::{Device, Kind, Tensor};
 
