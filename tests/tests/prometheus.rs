@@ -135,7 +135,8 @@ impl Prometheus {
     }
 
     /// The address from the `msg="Listening on" address=HOST:PORT` line of the log (the
-    /// listener's own address; the `Start listening` line before it repeats the flag).
+    /// listener's own address; the `Start listening` line before it repeats the flag), once
+    /// the log also says the server is ready.
     fn bound_address(&mut self) -> String {
         let deadline = Instant::now() + MINUTES;
         loop {
@@ -148,7 +149,10 @@ impl Prometheus {
                         .find_map(|w| w.strip_prefix("address="))
                         .map(|a| a.trim_matches('"').to_string())
                 });
-            if let Some(a) = found {
+            // Queries are answered 503 until the storage is up: wait for the server to say
+            // it is ready, too.
+            let ready = text.contains("Server is ready to receive web requests");
+            if let Some(a) = found.filter(|_| ready) {
                 return a;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -156,7 +160,7 @@ impl Prometheus {
             }
             assert!(
                 Instant::now() < deadline,
-                "prometheus reported no address in a minute:\n{text}"
+                "prometheus reported no address or was not ready in a minute:\n{text}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
