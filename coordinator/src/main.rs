@@ -110,9 +110,9 @@ fn token(file: Option<&Path>, value: Option<&str>, what: &str, flag: &str) -> Re
 /// At most this many glibc malloc arenas. By default glibc gives each new thread an arena, up
 /// to 8 per core, and tokio's blocking pool (store writes, spec validation) keeps starting
 /// threads: the freed memory scattered over many arenas made the resident size climb for
-/// minutes under a steady load (a 10-minute, 1000-worker loadgen soak: +76 % with the default,
-/// flat within 20 % with two arenas). Set before any thread starts; `MALLOC_ARENA_MAX` in the
-/// environment wins.
+/// minutes under a steady load (1000-worker loadgen soaks: +76 % over 10 minutes with the
+/// default, +18 % over 5 minutes with two arenas). Set before any thread starts;
+/// `MALLOC_ARENA_MAX` in the environment wins.
 #[cfg(target_env = "gnu")]
 const MALLOC_ARENAS: libc::c_int = 2;
 
