@@ -70,14 +70,6 @@ impl Retained {
         let n = self.order.len().saturating_sub(keep);
         self.order.drain(..n).collect()
     }
-
-    pub fn len(&self) -> usize {
-        self.order.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -115,6 +107,6 @@ mod tests {
         }
         assert_eq!(r.overflow(5), Vec::<String>::new());
         assert_eq!(r.overflow(1), vec!["a".to_string(), "b".into()]);
-        assert_eq!(r.len(), 1);
+        assert_eq!(r.overflow(0), vec!["c".to_string()]);
     }
 }

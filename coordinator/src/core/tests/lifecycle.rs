@@ -223,7 +223,6 @@ fn finished_jobs_are_retired_with_their_figures() {
 /// repeated report adds none).
 #[test]
 fn the_snapshot_times_the_rendezvous_and_counts_samples_and_checkpoint_records() {
-    use protodino_proto::v1::{CheckpointRef, CheckpointReport};
     let mut w = World::new();
     w.submit("job-a", 2, 2, 4, 16, 1);
     w.register("a");
@@ -267,17 +266,7 @@ fn the_snapshot_times_the_rendezvous_and_counts_samples_and_checkpoint_records()
     assert_eq!((snap.committed_steps, snap.committed_samples), (2, 8));
 
     let checkpoint = |w: &mut World, step: i64| {
-        let r = CheckpointReport {
-            worker_id: "w-a".into(),
-            job_id: "job-a".into(),
-            membership_epoch: e,
-            checkpoint: Some(CheckpointRef {
-                step,
-                epoch: 0,
-                uri: format!("jobs/job-a/checkpoint-{step:08}.safetensors"),
-                sha256: "cd".repeat(32),
-            }),
-        };
+        let r = checkpoint_report(e, step, 8, "cd");
         w.apply(|c, now, _, ch| c.report_checkpoint(now, &r, ch))
             .0
             .unwrap();

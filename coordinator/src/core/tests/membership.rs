@@ -252,17 +252,7 @@ fn without_a_surviving_replica_the_group_resumes_from_the_newest_checkpoint() {
         w.report("w-a", "job-a", e, s, &[]).unwrap();
     }
     for step in [1, 2, 4] {
-        let r = CheckpointReport {
-            worker_id: "w-a".into(),
-            job_id: "job-a".into(),
-            membership_epoch: e,
-            checkpoint: Some(CheckpointRef {
-                step,
-                epoch: 0,
-                uri: format!("jobs/job-a/checkpoint-{step:06}.safetensors"),
-                sha256: "ab".repeat(32),
-            }),
-        };
+        let r = checkpoint_report(e, step, 6, "ab");
         w.apply(|c, now, _, ch| c.report_checkpoint(now, &r, ch))
             .0
             .unwrap();

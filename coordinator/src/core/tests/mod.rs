@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use protodino_data::sample_digest;
 use protodino_proto::v1::heartbeat_response::Action;
 use protodino_proto::v1::{
-    Assignment, Capabilities, HeartbeatRequest, HeartbeatResponse, JobSpec, JobState, Progress,
-    StepAck, StepReport, WorkerPhase,
+    Assignment, Capabilities, CheckpointRef, CheckpointReport, HeartbeatRequest, HeartbeatResponse,
+    JobSpec, JobState, Progress, StepAck, StepReport, WorkerPhase,
 };
 
 use crate::core::{Changes, Core, CoreConfig, Ledger, NewJob, Plan, Registration};
@@ -246,5 +246,21 @@ pub fn code(e: &Error) -> &'static str {
         Error::Aborted(_) => "ABORTED",
         Error::Unauthenticated(_) => "UNAUTHENTICATED",
         Error::Internal(_) | Error::Store(_) => "INTERNAL",
+    }
+}
+
+/// `w-a`'s report of a checkpoint of `job-a` at `step` (epoch `e`), its file named with the
+/// step in `digits` digits.
+pub fn checkpoint_report(e: i64, step: i64, digits: usize, sha_byte: &str) -> CheckpointReport {
+    CheckpointReport {
+        worker_id: "w-a".into(),
+        job_id: "job-a".into(),
+        membership_epoch: e,
+        checkpoint: Some(CheckpointRef {
+            step,
+            epoch: 0,
+            uri: format!("jobs/job-a/checkpoint-{step:0digits$}.safetensors"),
+            sha256: sha_byte.repeat(32),
+        }),
     }
 }
