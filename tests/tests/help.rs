@@ -8,12 +8,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use protodino_tests::{binary, repo_root};
+use protodino_tests::{binary, nested_cargo, repo_root};
 
 /// (package, binary) of every binary target of the workspace's packages.
 fn workspace_binaries() -> Vec<(String, String)> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
+    let out = nested_cargo()
         .args([
             "metadata",
             "--no-deps",

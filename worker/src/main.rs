@@ -116,7 +116,8 @@ enum Cmd {
     Worker(agent::AgentArgs),
     #[command(flatten)]
     Client(client::ClientCmd),
-    /// Unique prototypes and nearest-neighbour statistics of a checkpoint's prototype layer.
+    /// Unique prototypes, nearest-neighbour statistics and norms of a checkpoint's prototype
+    /// layers (protodino's or a converted official DINO / iBOT checkpoint).
     Prototypes {
         checkpoint: PathBuf,
         /// Thresholds ε (comma separated).
@@ -125,6 +126,11 @@ enum Cmd {
         /// teacher or student.
         #[arg(long, default_value = "teacher")]
         head: Head,
+        /// last_layer (DINO / CLS prototypes), last_layer2 (iBOT patch prototypes) or all (every
+        /// prototype layer the head has, each reported on its own).
+        #[arg(long, default_value = "all")]
+        layer: protodino_analysis::prototypes::LayerSelection,
+        /// One JSON line per layer.
         #[arg(long)]
         json: bool,
     },
@@ -210,8 +216,9 @@ fn main() -> Result<()> {
             checkpoint,
             eps,
             head,
+            layer,
             json,
-        } => prototypes::run(&checkpoint, eps, head, json),
+        } => prototypes::run(&checkpoint, eps, head, layer, json),
         Cmd::Replay(args) => replay::run(args),
         Cmd::Knn {
             data,

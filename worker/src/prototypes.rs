@@ -1,63 +1,59 @@
 //! `protodino prototypes CHECKPOINT`: unique-prototype counts (greedy and connected components)
-//! over a list of ε and nearest-neighbour statistics of a checkpoint's prototype layer. Works on
-//! any safetensors file holding `<head>.head.last_layer.weight_v` (`weight_g` optional). The
-//! counts use the normalised directions; the norms `‖w_k‖` are reported too — for a DINO-vMF
-//! head (trained `weight_g`) they set the concentrations `κ_k = ‖w_k‖/τ`.
+//! over a list of ε and nearest-neighbour statistics of a checkpoint's prototype layers — every
+//! layer the head has by default (`last_layer`; an iBOT head's `last_layer2` too), each reported
+//! on its own. Works on protodino checkpoints and on official DINO / iBOT checkpoints converted
+//! by `cargo xtask convert` (docs/checkpoints.md). The counts use the normalised directions; the
+//! norms `‖w_k‖` are reported too — for a DINO-vMF head (trained `weight_g`) they set the
+//! concentrations `κ_k = ‖w_k‖/τ`.
+//!
+//! Output: the reports' text, or with `--json` one line per layer:
+//! `{"checkpoint", "layer", "source", "norms", "report"}` (`report` is the unique analysis).
 
 use std::path::Path;
 
-use anyhow::Result;
-use protodino_analysis::{Head, NormStats, Prototypes, UniqueOptions, analyze_unique};
+use anyhow::{Context, Result};
+use protodino_analysis::prototypes::LayerSelection;
+use protodino_analysis::report::prototype_reports;
+use protodino_analysis::{Head, UniqueOptions};
 
-pub fn run(checkpoint: &Path, eps: Vec<f64>, head: Head, json: bool) -> Result<()> {
-    let protos = Prototypes::load(checkpoint, head)?;
-    let norms = NormStats::of(&protos.norms)?;
-    let analysis = analyze_unique(
-        &protos.normalized,
-        &UniqueOptions {
-            eps,
-            ..UniqueOptions::default()
-        },
-    )?;
-    let r = &analysis.report;
+pub fn run(
+    checkpoint: &Path,
+    eps: Vec<f64>,
+    head: Head,
+    layers: LayerSelection,
+    json: bool,
+) -> Result<()> {
+    let opts = UniqueOptions {
+        eps,
+        ..UniqueOptions::default()
+    };
+    let reports = prototype_reports(checkpoint, head, layers, &opts)
+        .with_context(|| format!("prototypes of {}", checkpoint.display()))?;
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "checkpoint": checkpoint,
-                "source": protos.source,
-                "norms": norms,
-                "report": r
-            })
-        );
+        for r in &reports {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "checkpoint": checkpoint,
+                    "layer": r.source.layer,
+                    "source": r.source,
+                    "norms": r.norms,
+                    "report": r.unique,
+                })
+            );
+        }
         return Ok(());
     }
+    let names: Vec<String> = reports.iter().map(|r| r.source.layer.to_string()).collect();
     println!(
-        "{}: {} head ({}), K = {}, d = {}",
+        "{}: {} head, prototype layers: {}",
         checkpoint.display(),
-        protos.source.head,
-        protos.source.weight_v,
-        r.k,
-        r.dim
+        head,
+        names.join(", ")
     );
-    println!("{norms}");
-    println!(
-        "{:>8}  {:>14}  {:>22}",
-        "eps", "unique (greedy)", "unique (conn. comp.)"
-    );
-    for c in &r.counts {
-        println!(
-            "{:>8}  {:>8} {:>5.1}%  {:>15} {:>5.1}%",
-            c.eps,
-            c.greedy,
-            100.0 * c.greedy_fraction,
-            c.connected_components,
-            100.0 * c.cc_fraction
-        );
+    for r in &reports {
+        println!();
+        print!("{r}");
     }
-    println!(
-        "nearest-neighbour distance: mean {:.4}, min {:.4}, max {:.4}; KoLeo-proto {:.4}",
-        r.nn.mean, r.nn.min, r.nn.max, r.nn.koleo_proto
-    );
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 mod bench;
 mod cluster;
+mod convert;
 mod data;
 mod elf;
 mod libtorch;
@@ -65,6 +66,9 @@ enum Cmd {
         /// The short variant (4 runs, under 15 minutes); reports under the cache, not docs/.
         #[arg(long)]
         quick: bool,
+        /// Which runs: the collapse study (docs/results.md) or the objective sweep.
+        #[arg(long, value_enum, default_value = "collapse")]
+        plan: study::Plan,
         /// Output directory of results.json, results.md and the figures.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -88,6 +92,9 @@ enum Cmd {
     Loadgen(loadgen::LoadgenArgs),
     /// Provision the Python reference environment (torch 2.11.0, torchvision) and print its python.
     Pyref,
+    /// Convert an official DINO / iBOT .pth checkpoint (full, or a bare state dict with
+    /// `--prefix teacher`) to protodino's safetensors format, in the Python reference environment.
+    Convert(convert::ConvertArgs),
     /// Provision the deployment validators (Helm SDK, kubernetes-validate, hadolint, yamllint,
     /// the prometheus-operator CRD models) and print the environment variables the tests read.
     Validators,
@@ -118,9 +125,33 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target"))
 }
 
+/// `cargo` in the workspace, without the variables `cargo run` set for this process
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...): ring's build script declares
+/// `rerun-if-env-changed` on some of them and cargo compares its own environment, so builds
+/// started from here recompiled ring, rustls, tonic and everything above them (and a build from
+/// a shell recompiled them back).
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(repo_root());
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            )
+        {
+            c.env_remove(key);
+        }
+    }
     c
 }
 
@@ -271,6 +302,7 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, only, out } => bench::bench(bench::BenchArgs { quick, only, out })?,
         Cmd::Loadgen(args) => loadgen::loadgen(args)?,
         Cmd::Pyref => println!("{}", pyref::ensure()?.display()),
+        Cmd::Convert(args) => convert::convert(args)?,
         Cmd::Validators => {
             for (var, path) in validators::env()? {
                 println!("{var}={}", path.display());
@@ -287,7 +319,7 @@ fn main() -> Result<()> {
             standalone,
             args,
         } => demo(workers, standalone, args)?,
-        Cmd::Study { quick, out } => study::study(study::StudyArgs { quick, out })?,
+        Cmd::Study { quick, plan, out } => study::study(study::StudyArgs { quick, plan, out })?,
         Cmd::Info => {
             let root = cache_root();
             println!("cache: {}", root.display());

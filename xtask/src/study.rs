@@ -1,13 +1,22 @@
-//! `cargo xtask study [--quick]`: the partial-prototype-collapse study (issue: reproduce
-//! arXiv 2410.14060's finding on real data).
+//! `cargo xtask study [--quick] [--plan collapse|objectives]`: the partial-prototype-collapse
+//! study (reproduce arXiv 2410.14060's finding on real data) and the objective sweep.
 //!
-//! Each run is the product's own `protodino train` on Fashion-MNIST (configs/cpu-demo.toml +
-//! configs/study/*.toml + a KoLeo-proto weight overlay), followed by `protodino fewshot` on its
-//! final checkpoint. Runs live in `<cache>/study/<full|quick>/<name>/`; a finished run (its
-//! `result.json`) is reused, an interrupted one resumes from its newest checkpoint. Every run's
-//! record (config, per-analysis series, final figures, wall time) goes to `results.json`, the
-//! plots to PNG files and the tables to `results.md` in the output directory (`docs/` for the
-//! full study, the run directory's `report/` for `--quick`).
+//! Every run is a job of the training service: the study starts its own local coordinator with
+//! two worker agents (one libtorch thread each, [`crate::cluster::LocalService`]) and submits each
+//! run's configuration (configs/cpu-demo.toml + configs/study/*.toml + a run overlay, merged into
+//! one TOML file) through the job API, follows it with `protodino watch`, then reads the job's
+//! `metrics.jsonl` (step, collapse and final records) from the checkpoint root and runs
+//! `protodino fewshot` on its final checkpoint. Runs live in `<cache>/study/<plan>/<name>/`; a
+//! finished run (its `result.json`) is reused, an interrupted one starts again. Every run's record
+//! (config, per-analysis series, final figures, wall time) goes to `results.json`, the plots to PNG
+//! files and the tables to `results.md` in the output directory (`docs/` for the full collapse
+//! study, the plan's `report/` otherwise).
+//!
+//! Plans:
+//! * `collapse` (default): DINO against DINO + KoLeo-proto over K and λ, balanced and
+//!   long-tailed Fashion-MNIST (`--quick`: four short runs);
+//! * `objectives`: demo-sized runs of DINO, iBOT, DINO-vMF and iBOT-vMF, each with λ ∈ {0, 0.1}
+//!   (configs/study/objectives/*.toml).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -18,7 +27,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
-use crate::{cache_root, repo_root, run, target_dir};
+use crate::cache_root;
+use crate::cluster::LocalService;
+use crate::repo_root;
 
 /// Classes 0–2 of the long-tailed split are the head (6000–2154 images), 7–9 the tail
 /// (215–60 images); the labels are in decreasing order of frequency by construction.
@@ -31,16 +42,61 @@ struct RunSpec {
     dataset: &'static str,
     k: i64,
     lambda: f64,
+    /// The objective overlay (configs/study/objectives/NAME.toml); None: the collapse study's
+    /// DINO with its own recipe (configs/study/base.toml).
+    objective: Option<&'static str>,
 }
 
 impl RunSpec {
     fn name(&self) -> String {
-        format!("{}-k{}-lambda{}", self.dataset, self.k, self.lambda)
+        match self.objective {
+            Some(o) => format!("{o}-lambda{}", self.lambda),
+            None => format!("{}-k{}-lambda{}", self.dataset, self.k, self.lambda),
+        }
     }
 }
 
-fn plan(quick: bool) -> Vec<RunSpec> {
-    let r = |dataset, k, lambda| RunSpec { dataset, k, lambda };
+/// Which runs `cargo xtask study` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Plan {
+    /// DINO vs DINO + KoLeo-proto over K and λ, balanced and long-tailed.
+    Collapse,
+    /// DINO, iBOT, DINO-vMF and iBOT-vMF on the demo recipe, λ ∈ {0, 0.1}.
+    Objectives,
+}
+
+impl Plan {
+    fn name(self) -> &'static str {
+        match self {
+            Plan::Collapse => "collapse",
+            Plan::Objectives => "objectives",
+        }
+    }
+}
+
+/// The objective sweep: each overlay of configs/study/objectives/ with and without KoLeo-proto.
+const OBJECTIVES: [&str; 4] = ["dino", "ibot", "dino-vmf", "ibot-vmf"];
+
+fn plan(which: Plan, quick: bool) -> Vec<RunSpec> {
+    if which == Plan::Objectives {
+        return OBJECTIVES
+            .iter()
+            .flat_map(|&o| {
+                [0.0, 0.1].map(|lambda| RunSpec {
+                    dataset: "balanced",
+                    k: 1024,
+                    lambda,
+                    objective: Some(o),
+                })
+            })
+            .collect();
+    }
+    let r = |dataset, k, lambda| RunSpec {
+        dataset,
+        k,
+        lambda,
+        objective: None,
+    };
     if quick {
         return vec![
             r("balanced", 1024, 0.0),
@@ -66,28 +122,58 @@ fn plan(quick: bool) -> Vec<RunSpec> {
 
 pub struct StudyArgs {
     pub quick: bool,
+    pub plan: Plan,
     pub out: Option<PathBuf>,
+}
+
+/// Agents of the study's service, each with one libtorch thread; the global batch is the
+/// configuration's `batch_size_per_worker`, split between them.
+const WORKERS: usize = 2;
+
+/// The study's local service, started when the first run needs it.
+struct StudyService {
+    release: PathBuf,
+    dir: PathBuf,
+    service: Option<LocalService>,
+}
+
+impl StudyService {
+    fn get(&mut self) -> Result<&LocalService> {
+        if self.service.is_none() {
+            self.service = Some(LocalService::start(&self.release, &self.dir, WORKERS, 1)?);
+        }
+        Ok(self.service.as_ref().expect("started above"))
+    }
 }
 
 pub fn study(args: StudyArgs) -> Result<()> {
     crate::libtorch::ensure()?;
     crate::data::ensure()?;
     let font = ensure_font()?;
-    crate::cluster::build_release()?;
-    let bin = target_dir().join("release/protodino");
+    let release = crate::cluster::build_release()?;
+    let bin = release.join("protodino");
     ensure!(bin.exists(), "{} was not built", bin.display());
 
-    let mode = if args.quick { "quick" } else { "full" };
-    let runs_dir = cache_root().join("study").join(mode);
+    let mode = match (args.plan, args.quick) {
+        (Plan::Collapse, false) => "full".to_string(),
+        (Plan::Collapse, true) => "quick".to_string(),
+        (p, quick) => format!("{}{}", p.name(), if quick { "-quick" } else { "" }),
+    };
+    let runs_dir = cache_root().join("study").join(&mode);
     let out = match args.out {
         Some(o) => o,
-        None if args.quick => runs_dir.join("report"),
+        None if args.quick || args.plan != Plan::Collapse => runs_dir.join("report"),
         None => repo_root().join("docs"),
+    };
+    let mut service = StudyService {
+        release,
+        dir: runs_dir.join("service"),
+        service: None,
     };
     fs::create_dir_all(&out)?;
     let started = Instant::now();
     let mut records = Vec::new();
-    let plan = plan(args.quick);
+    let plan = plan(args.plan, args.quick);
     for (i, spec) in plan.iter().enumerate() {
         eprintln!(
             "xtask study: run {}/{}: {} (elapsed {:.1} min)",
@@ -97,16 +183,25 @@ pub fn study(args: StudyArgs) -> Result<()> {
             started.elapsed().as_secs_f64() / 60.0
         );
         records.push(run_one(
+            &mut service,
             &bin,
             &runs_dir.join(spec.name()),
             spec,
             args.quick,
         )?);
     }
+    if let Some(s) = service.service.take() {
+        s.stop();
+    }
     let total = started.elapsed().as_secs_f64();
     let hardware = hardware();
     let command = format!(
-        "cargo xtask study{}",
+        "cargo xtask study{}{}",
+        if args.plan == Plan::Collapse {
+            String::new()
+        } else {
+            format!(" --plan {}", args.plan.name())
+        },
         if args.quick { " --quick" } else { "" }
     );
     let doc = json!({
@@ -114,6 +209,8 @@ pub fn study(args: StudyArgs) -> Result<()> {
         "hardware": hardware,
         "wall_seconds_this_invocation": total,
         "wall_seconds_sum_of_runs": records.iter().map(|r| r["wall_seconds"].as_f64().unwrap_or(0.0)).sum::<f64>(),
+        "plan": args.plan.name(),
+        "service": { "workers": WORKERS, "threads_per_worker": 1 },
         "head_classes": HEAD_CLASSES.collect::<Vec<_>>(),
         "tail_classes": TAIL_CLASSES.collect::<Vec<_>>(),
         "runs": records,
@@ -124,7 +221,11 @@ pub fn study(args: StudyArgs) -> Result<()> {
         serde_json::to_string_pretty(&doc)? + "\n",
     )?;
     crate::plots::register_font(&font)?;
-    let figures = crate::plots::all(&doc, &out)?;
+    // The figures compare λ within a data set and K; the objective sweep is its table alone.
+    let figures = match args.plan {
+        Plan::Collapse => crate::plots::all(&doc, &out)?,
+        Plan::Objectives => Vec::new(),
+    };
     let md = markdown(&doc, &figures);
     fs::write(out.join("results.md"), md)?;
     println!("{}", out.join("results.md").display());
@@ -133,29 +234,22 @@ pub fn study(args: StudyArgs) -> Result<()> {
 
 /// Evaluation subsets (evenly spaced, so class proportions are kept): memory-bank / few-shot
 /// pool images and test images.
-fn eval_limits(quick: bool) -> (&'static str, &'static str) {
-    if quick {
-        ("5000", "2000")
-    } else {
-        ("10000", "0")
-    }
+fn eval_limits(quick: bool) -> (i64, i64) {
+    if quick { (5000, 2000) } else { (10000, 0) }
 }
 
-/// Train (or resume, or reuse) one run and evaluate it; returns its record.
-fn run_one(bin: &Path, dir: &Path, spec: &RunSpec, quick: bool) -> Result<Value> {
-    let result = dir.join("result.json");
-    if let Ok(text) = fs::read_to_string(&result) {
-        eprintln!("xtask study: reusing {}", result.display());
-        return Ok(serde_json::from_str(&text)?);
-    }
-    fs::create_dir_all(dir)?;
-    let overlay = dir.join("lambda.toml");
-    fs::write(&overlay, format!("[koleo]\nweight = {:?}\n", spec.lambda))?;
+/// The configuration files of a run, in layering order.
+fn run_configs(spec: &RunSpec, quick: bool) -> Vec<PathBuf> {
     let root = repo_root();
-    let mut configs: Vec<PathBuf> = vec![
-        root.join("configs/cpu-demo.toml"),
-        root.join("configs/study/base.toml"),
-    ];
+    let mut configs: Vec<PathBuf> = vec![root.join("configs/cpu-demo.toml")];
+    if let Some(o) = spec.objective {
+        configs.push(root.join(format!("configs/study/objectives/{o}.toml")));
+        if quick {
+            configs.push(root.join("configs/study/quick.toml"));
+        }
+        return configs;
+    }
+    configs.push(root.join("configs/study/base.toml"));
     if quick {
         configs.push(root.join("configs/study/quick.toml"));
     }
@@ -163,46 +257,122 @@ fn run_one(bin: &Path, dir: &Path, spec: &RunSpec, quick: bool) -> Result<Value>
     if spec.dataset == "lt100" {
         configs.push(root.join("configs/study/lt100.toml"));
     }
-    configs.push(overlay);
+    configs
+}
+
+/// The TOML files merged in order (later keys win, tables merge key by key): what one
+/// `--config` per layer gives `protodino train`, as the single file a job carries.
+fn merge_toml(files: &[PathBuf]) -> Result<toml::Table> {
+    let mut out = toml::Table::new();
+    for f in files {
+        let text = fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("parsing {}", f.display()))?;
+        merge_into(&mut out, table);
+    }
+    Ok(out)
+}
+
+/// `from`'s keys into `into`, tables merged key by key.
+fn merge_into(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge_into(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Train (or reuse) one run through the service and evaluate it; returns its record.
+fn run_one(
+    service: &mut StudyService,
+    bin: &Path,
+    dir: &Path,
+    spec: &RunSpec,
+    quick: bool,
+) -> Result<Value> {
+    let result = dir.join("result.json");
+    if let Ok(text) = fs::read_to_string(&result) {
+        eprintln!("xtask study: reusing {}", result.display());
+        return Ok(serde_json::from_str(&text)?);
+    }
+    if dir.exists() {
+        fs::remove_dir_all(dir)?;
+    }
+    fs::create_dir_all(dir)?;
+    let root = repo_root();
+    let configs = run_configs(spec, quick);
+    let mut merged = merge_toml(&configs)?;
+    let (knn_train, knn_test) = eval_limits(quick);
+    let run_overlay = format!(
+        "[koleo]\nweight = {:?}\n[eval]\nknn_train_images = {knn_train}\nknn_test_images = {knn_test}\n",
+        spec.lambda
+    );
+    merge_into(&mut merged, run_overlay.parse()?);
+    let config_file = dir.join("config.toml");
+    fs::write(&config_file, toml::to_string(&merged)?)?;
+    let global = merged["train"]["batch_size_per_worker"]
+        .as_integer()
+        .context("the study's configuration sets train.batch_size_per_worker")?
+        as usize;
 
     let started = Instant::now();
+    let svc = service.get()?;
+    let config_arg = config_file.display().to_string();
+    let job = svc.submit(&config_arg, WORKERS, global, &[])?;
+    eprintln!("xtask study: job {job}");
+    let watch = svc
+        .client("watch")
+        .arg(&job)
+        .arg("--json")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running protodino watch")?;
+    let last: Value = String::from_utf8_lossy(&watch.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .context("protodino watch printed no job")?;
+    ensure!(
+        watch.status.success() && last["state"] == "JOB_STATE_SUCCEEDED",
+        "job {job} did not succeed: {} {}",
+        last["state"],
+        last["message"]
+    );
+    let checkpoints = svc.dir.join("checkpoints");
+    let fin_uri: Value = serde_json::from_str(last["result"].as_str().unwrap_or("null"))
+        .context("the job's result is not JSON")?;
+    let ckpt_rel = fin_uri["checkpoint"]
+        .as_str()
+        .context("the job's final report names no checkpoint")?;
+    let ckpt = checkpoints.join(ckpt_rel);
+    let job_dir = ckpt.parent().context("checkpoint path")?.to_path_buf();
+    // Keep the job's own files with the run: its records and resolved configuration.
     let log = dir.join("train.jsonl");
-    let mut train = Command::new(bin);
-    train.arg("train");
-    for c in &configs {
-        train.arg("--config").arg(c);
-    }
-    train
-        .arg("--output-dir")
-        .arg(dir.join("train"))
-        .args(["--json", "--knn-train-limit", eval_limits(quick).0])
-        .args(["--knn-test-limit", eval_limits(quick).1])
-        .stdout(Stdio::from(
-            fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)?,
-        ));
-    run(train)?;
+    fs::copy(job_dir.join("metrics.jsonl"), &log)?;
+    fs::create_dir_all(dir.join("train"))?;
+    fs::copy(job_dir.join("config.json"), dir.join("train/config.json"))?;
     let lines = read_json_lines(&log)?;
     let fin = lines
         .iter()
         .rev()
         .find(|r| r["kind"] == "final")
-        .context("the training log has no final report")?
+        .context("the job's metrics.jsonl has no final report")?
         .clone();
-    let ckpt = fin["checkpoint"]
-        .as_str()
-        .context("final report without checkpoint")?;
+    let ckpt = ckpt.display().to_string();
+    let ckpt = ckpt.as_str();
     let fewshot_out = Command::new(bin)
         .args([
             "fewshot",
             ckpt,
             "--json",
             "--train-limit",
-            eval_limits(quick).0,
+            &eval_limits(quick).0.to_string(),
         ])
-        .args(["--test-limit", eval_limits(quick).1])
+        .args(["--test-limit", &eval_limits(quick).1.to_string()])
         .output()
         .context("starting protodino fewshot")?;
     ensure!(
@@ -250,6 +420,8 @@ fn run_one(bin: &Path, dir: &Path, spec: &RunSpec, quick: bool) -> Result<Value>
         .unwrap_or(Value::Null);
     let record = json!({
         "name": spec.name(),
+        "objective": spec.objective,
+        "job_id": job,
         "dataset": spec.dataset,
         "k": spec.k,
         "lambda": spec.lambda,
@@ -306,20 +478,24 @@ fn portable(v: Value) -> Value {
     walk(v, &cache, &repo)
 }
 
-/// The figures of one collapse record (periodic or final) that the study tracks.
+/// Unique counts by ε (greedy, connected components) of one head's report.
+fn unique_by_eps(report: &Value) -> (Value, Value) {
+    let counts = report["counts"].as_array().cloned().unwrap_or_default();
+    let by = |key: &str| -> Value {
+        counts
+            .iter()
+            .map(|c| (format!("{}", c["eps"]), c[key].clone()))
+            .collect::<serde_json::Map<String, Value>>()
+            .into()
+    };
+    (by("greedy"), by("connected_components"))
+}
+
+/// The figures of one collapse record (periodic or final) that the study tracks: the teacher
+/// head (`report`, `displacement`, `usage`, `sharpness`) and the student head (`student`).
 fn analysis_summary(r: &Value, step: Value) -> Value {
-    let counts = r["report"]["counts"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let unique: serde_json::Map<String, Value> = counts
-        .iter()
-        .map(|c| (format!("{}", c["eps"]), c["greedy"].clone()))
-        .collect();
-    let components: serde_json::Map<String, Value> = counts
-        .iter()
-        .map(|c| (format!("{}", c["eps"]), c["connected_components"].clone()))
-        .collect();
+    let (unique, components) = unique_by_eps(&r["report"]);
+    let (s_unique, s_components) = unique_by_eps(&r["student"]["report"]);
     let u = &r["usage"];
     json!({
         "step": step,
@@ -327,6 +503,19 @@ fn analysis_summary(r: &Value, step: Value) -> Value {
         "unique_components": components,
         "koleo_proto_teacher": r["report"]["nn"]["koleo_proto"],
         "nn_mean": r["report"]["nn"]["mean"],
+        "nn_min": r["report"]["nn"]["min"],
+        "displacement_teacher": r["displacement"]["mean"],
+        "student": {
+            "unique_greedy": s_unique,
+            "unique_components": s_components,
+            "koleo_proto": r["student"]["report"]["nn"]["koleo_proto"],
+            "nn_mean": r["student"]["report"]["nn"]["mean"],
+            "nn_min": r["student"]["report"]["nn"]["min"],
+            "displacement": r["student"]["displacement"]["mean"],
+        },
+        "ln_k": r["ln_k"],
+        "teacher_entropy": r["sharpness"]["mean_sample_entropy"],
+        "teacher_entropy_relative": r["sharpness"]["relative"],
         "usage_entropy": u["mlcd"]["entropy"],
         "usage_effective": u["mlcd"]["effective_number"],
         "clusters_used": u["used_clusters"],
@@ -453,6 +642,10 @@ fn markdown(doc: &Value, figures: &[(String, String)]) -> String {
          long-tailed split the head classes are {:?} and the tail classes {:?}.\n",
         HEAD_CLASSES, TAIL_CLASSES
     );
+    if doc["plan"] == "objectives" {
+        objectives_table(&mut s, &runs);
+        return s;
+    }
     let _ = writeln!(s, "## Main table\n");
     let _ = writeln!(
         s,
@@ -504,4 +697,36 @@ fn markdown(doc: &Value, figures: &[(String, String)]) -> String {
         let _ = writeln!(s, "{text}");
     }
     s
+}
+
+/// The objective sweep's table: one row per objective and λ.
+fn objectives_table(s: &mut String, runs: &[Value]) {
+    let _ = writeln!(s, "## Unique prototypes by objective\n");
+    let _ = writeln!(
+        s,
+        "| objective | λ | teacher unique ε=0.025 | ε=0.1 | student unique ε=0.025 | ε=0.1 | NN mean (teacher) | KoLeo-proto (teacher) | displacement (teacher) | clusters used | k-NN top-1 | steps | min |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in runs {
+        let c = &r["final"]["collapse"];
+        let u = |e: &str| f(&c["unique_greedy"][e], 0);
+        let su = |e: &str| f(&c["student"]["unique_greedy"][e], 0);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |",
+            r["objective"].as_str().unwrap_or("?"),
+            r["lambda"],
+            u("0.025"),
+            u("0.1"),
+            su("0.025"),
+            su("0.1"),
+            f(&c["nn_mean"], 4),
+            f(&c["koleo_proto_teacher"], 4),
+            f(&c["displacement_teacher"], 4),
+            c["clusters_used"],
+            f(&r["final"]["knn"]["top1"], 2),
+            r["steps"],
+            r["wall_seconds"].as_f64().unwrap_or(0.0) / 60.0
+        );
+    }
 }

@@ -1,8 +1,9 @@
 //! What the command-line interface prints: one JSON-serialisable record per command and a
 //! plain-text rendering of each (`Display`), plus the options derived from a [`TrainConfig`].
 //!
-//! The CLI calls [`prototype_report`] for `prototypes CHECKPOINT`, and prints either
-//! `serde_json::to_string(&report)` (`--json`) or `report.to_string()`.
+//! The CLI calls [`prototype_reports`] for `prototypes CHECKPOINT` — one [`PrototypeReport`] per
+//! prototype layer of the chosen head (`last_layer`, and iBOT's `last_layer2` when the file has
+//! it) — and prints either one `serde_json` line per report (`--json`) or `report.to_string()`.
 
 use std::fmt;
 use std::path::Path;
@@ -15,11 +16,14 @@ use crate::error::Result;
 use crate::fewshot::FewShotReport;
 use crate::knn::{KnnOptions, KnnReport};
 use crate::linear::LinearProbeReport;
-use crate::prototypes::{Head, NormStats, PrototypeSource, Prototypes};
+use crate::prototypes::{
+    Head, Layer, LayerSelection, NormStats, PrototypeSource, Prototypes, read_named_tensors,
+};
 use crate::unique::{UniqueOptions, UniqueReport, analyze_unique};
 use crate::usage::UsageReport;
 
-/// `prototypes CHECKPOINT`: where the prototypes came from and their unique-prototype analysis.
+/// `prototypes CHECKPOINT`, for one prototype layer: where the prototypes came from and their
+/// unique-prototype analysis.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrototypeReport {
     pub source: PrototypeSource,
@@ -28,8 +32,8 @@ pub struct PrototypeReport {
     pub unique: UniqueReport,
 }
 
-/// Read `head`'s prototype layer from a safetensors file (a full checkpoint or a bare head)
-/// and analyse it.
+/// Read `head`'s `last_layer` (the DINO / [CLS] prototypes) from a safetensors file (a full
+/// checkpoint or a bare head) and analyse it.
 pub fn prototype_report(path: &Path, head: Head, opts: &UniqueOptions) -> Result<PrototypeReport> {
     report_for(Prototypes::load(path, head)?, opts)
 }
@@ -42,6 +46,30 @@ pub fn prototype_report_from_named(
     opts: &UniqueOptions,
 ) -> Result<PrototypeReport> {
     report_for(Prototypes::from_named(named, head)?, opts)
+}
+
+/// Read the selected prototype layers of `head` from a safetensors file and analyse each: one
+/// report per layer, `last_layer` first.
+pub fn prototype_reports(
+    path: &Path,
+    head: Head,
+    layers: LayerSelection,
+    opts: &UniqueOptions,
+) -> Result<Vec<PrototypeReport>> {
+    prototype_reports_from_named(&read_named_tensors(path)?, head, layers, opts)
+}
+
+/// [`prototype_reports`] for named tensors already in memory.
+pub fn prototype_reports_from_named(
+    named: &[(String, Tensor)],
+    head: Head,
+    layers: LayerSelection,
+    opts: &UniqueOptions,
+) -> Result<Vec<PrototypeReport>> {
+    Prototypes::all_from_named(named, head, layers)?
+        .into_iter()
+        .map(|p| report_for(p, opts))
+        .collect()
 }
 
 fn report_for(p: Prototypes, opts: &UniqueOptions) -> Result<PrototypeReport> {
@@ -99,8 +127,10 @@ impl fmt::Display for PrototypeReport {
         let s = &self.source;
         writeln!(
             f,
-            "prototypes: {} head, `{}`{}, K = {}, d = {}",
+            "prototypes: {} head, {} ({}), `{}`{}, K = {}, d = {}",
             s.head,
+            s.layer,
+            s.layer.role(),
             s.weight_v,
             s.weight_g
                 .as_deref()
@@ -108,8 +138,22 @@ impl fmt::Display for PrototypeReport {
             s.k,
             s.dim
         )?;
+        if let Some(first) = &s.same_as {
+            writeln!(
+                f,
+                "the same tensors as `{first}` (a shared head: one set of prototypes under two \
+                 names)"
+            )?;
+        }
         writeln!(f, "{}", self.norms)?;
         write!(f, "{}", self.unique)
+    }
+}
+
+impl PrototypeReport {
+    /// Which layer this report is about.
+    pub fn layer(&self) -> Layer {
+        self.source.layer
     }
 }
 

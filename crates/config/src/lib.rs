@@ -1,7 +1,8 @@
 //! Training configuration for protodino.
 //!
 //! One typed tree ([`TrainConfig`]) describes a DINO + KoLeo-proto run: the backbone, the
-//! projection head, the loss temperatures and centring, KoLeo-proto, the optimiser and its
+//! projection head, the loss temperatures, centring and objective (DINO or iBOT, with iBOT's
+//! masking and patch-head knobs in [`IbotConfig`]), KoLeo-proto, the optimiser and its
 //! schedules, the multi-crop augmentation, the data set, and the run itself.
 //!
 //! Layers, later ones winning (docs/algorithm.md §1.9 for the numbers):
@@ -54,6 +55,10 @@ pub struct TrainConfig {
     pub data: DataConfig,
     pub train: RunConfig,
     pub eval: EvalConfig,
+    /// iBOT's masked-patch objective (`loss.objective = "ibot"`); ignored for DINO. Every key
+    /// has iBOT's official code default, so the section may be left out or given in part.
+    #[serde(default)]
+    pub ibot: IbotConfig,
 }
 
 /// Backbone architecture names.
@@ -161,6 +166,181 @@ pub struct LossConfig {
     /// docs/algorithm.md §1.6.
     #[serde(default)]
     pub centering: Centering,
+    /// What is trained: `dino` (the CLS objective) or `ibot` (DINO's CLS objective plus iBOT's
+    /// masked-patch objective, configured in `[ibot]`). docs/algorithm.md §5.
+    #[serde(default)]
+    pub objective: Objective,
+}
+
+/// `loss.objective`: the self-supervised objective (docs/algorithm.md §5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// DINO: cross-entropy between the teacher's and the student's CLS outputs.
+    #[default]
+    Dino,
+    /// iBOT: DINO's CLS term plus the masked-patch term (student sees masked global crops).
+    Ibot,
+}
+
+impl Objective {
+    /// Every configuration name.
+    pub const NAMES: &'static [&'static str] = &["dino", "ibot"];
+
+    /// The configuration name (`dino`, `ibot`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Dino => "dino",
+            Objective::Ibot => "ibot",
+        }
+    }
+
+    /// The variant of a configuration name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [Objective::Dino, Objective::Ibot]
+            .into_iter()
+            .find(|v| v.name() == s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Objective {
+    /// From its name; any other is an error listing the names (the loader adds the key).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::from_name(&s).ok_or_else(|| serde::de::Error::unknown_variant(&s, Self::NAMES))
+    }
+}
+
+/// `ibot.pred_shape`: the shape of iBOT's masks (docs/algorithm.md §5.2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredShape {
+    /// BEiT-style blockwise masking: rectangles of random area and aspect ratio.
+    #[default]
+    Block,
+    /// `int(r·h·w)` patches chosen uniformly at random.
+    Rand,
+}
+
+impl PredShape {
+    /// Every configuration name.
+    pub const NAMES: &'static [&'static str] = &["block", "rand"];
+
+    /// The configuration name (`block`, `rand`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PredShape::Block => "block",
+            PredShape::Rand => "rand",
+        }
+    }
+
+    /// The variant of a configuration name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [PredShape::Block, PredShape::Rand]
+            .into_iter()
+            .find(|v| v.name() == s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PredShape {
+    /// From its name; any other is an error listing the names (the loader adds the key).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::from_name(&s).ok_or_else(|| serde::de::Error::unknown_variant(&s, Self::NAMES))
+    }
+}
+
+/// A number or a list of numbers (iBOT's `nargs='+'` arguments); always held as a list.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(f64),
+        Many(Vec<f64>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(v) => vec![v],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// iBOT's knobs (`main_ibot.py` arguments), with the official code defaults
+/// (docs/algorithm.md §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IbotConfig {
+    /// Masked share of a global crop's patches: one value, or several of which each image
+    /// picks one uniformly (official `--pred_ratio 0 0.3`: half of the images unmasked).
+    #[serde(deserialize_with = "one_or_many")]
+    pub pred_ratio: Vec<f64>,
+    /// Half-width of the uniform jitter of each `pred_ratio` entry (one value for all, or
+    /// one per entry); 0 keeps the entry exact.
+    #[serde(deserialize_with = "one_or_many")]
+    pub pred_ratio_var: Vec<f64>,
+    /// Aspect-ratio range of the blocks of blockwise masking (drawn log-uniformly).
+    pub pred_aspect_ratio: [f64; 2],
+    pub pred_shape: PredShape,
+    /// Epochs before masking starts (no patch is masked before it; the patch teacher
+    /// temperature's warm-up is delayed by as much).
+    pub pred_start_epoch: i64,
+    /// K₂, the patch head's prototypes (ignored with a shared head, which uses `head.out_dim`).
+    pub patch_out_dim: i64,
+    /// The student's patch tokens use the CLS prototype layer (`last_layer`) instead of their
+    /// own `last_layer2`.
+    pub shared_head: bool,
+    /// The same for the teacher.
+    pub shared_head_teacher: bool,
+    /// Teacher temperature of the patch targets after the warm-up.
+    pub teacher_patch_temp: f64,
+    /// ... and at the start of its warm-up (over `loss.warmup_teacher_temp_epochs`).
+    pub warmup_teacher_patch_temp: f64,
+    /// EMA momentum of the patch centre `center2`.
+    pub center_momentum2: f64,
+    /// Weight of the CLS term.
+    pub lambda1: f64,
+    /// Weight of the masked-patch term.
+    pub lambda2: f64,
+}
+
+impl Default for IbotConfig {
+    /// The defaults of `main_ibot.py`.
+    fn default() -> Self {
+        IbotConfig {
+            pred_ratio: vec![0.3],
+            pred_ratio_var: vec![0.0],
+            pred_aspect_ratio: [0.3, 1.0 / 0.3],
+            pred_shape: PredShape::Block,
+            pred_start_epoch: 0,
+            patch_out_dim: 8192,
+            shared_head: false,
+            shared_head_teacher: true,
+            teacher_patch_temp: 0.07,
+            warmup_teacher_patch_temp: 0.04,
+            center_momentum2: 0.9,
+            lambda1: 1.0,
+            lambda2: 1.0,
+        }
+    }
+}
+
+impl IbotConfig {
+    /// K₂ of the student's patch logits (`head.out_dim` when the head is shared).
+    pub fn student_patch_dim(&self, out_dim: i64) -> i64 {
+        if self.shared_head {
+            out_dim
+        } else {
+            self.patch_out_dim
+        }
+    }
+
+    /// The `pred_ratio_var` of every `pred_ratio` entry (one value is broadcast).
+    pub fn ratio_vars(&self) -> Vec<f64> {
+        if self.pred_ratio_var.len() == 1 {
+            vec![self.pred_ratio_var[0]; self.pred_ratio.len()]
+        } else {
+            self.pred_ratio_var.clone()
+        }
+    }
 }
 
 /// `loss.centering`: how the teacher's targets are centred (docs/algorithm.md §1.6).
@@ -417,6 +597,17 @@ impl TrainConfig {
     pub fn n_crops(&self) -> i64 {
         2 + self.crops.local_crops_number
     }
+
+    /// Whether the iBOT objective is selected (`loss.objective = "ibot"`).
+    pub fn is_ibot(&self) -> bool {
+        self.loss.objective == Objective::Ibot
+    }
+
+    /// The patch grid `(h, w)` of a global crop (`global_crop_size / patch_size` each way).
+    pub fn global_patch_grid(&self) -> (i64, i64) {
+        let side = self.crops.global_crop_size / self.model.patch_size.max(1);
+        (side, side)
+    }
 }
 
 fn env_source() -> config::Environment {
@@ -429,6 +620,9 @@ fn env_source() -> config::Environment {
         .with_list_parse_key("crops.local_crops_scale")
         .with_list_parse_key("crops.blur_prob")
         .with_list_parse_key("eval.unique_eps")
+        .with_list_parse_key("ibot.pred_ratio")
+        .with_list_parse_key("ibot.pred_ratio_var")
+        .with_list_parse_key("ibot.pred_aspect_ratio")
 }
 
 /// Root of protodino's download cache, shared by every clone on a machine:

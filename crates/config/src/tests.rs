@@ -209,3 +209,147 @@ fn vmf_prototypes_need_a_trained_gain() {
         other => panic!("{other}"),
     }
 }
+
+fn field_of(r: Result<TrainConfig, ConfigError>) -> String {
+    match r {
+        Err(ConfigError::Invalid(f)) => f.field,
+        Err(e) => panic!("not a field error: {e}"),
+        Ok(_) => panic!("accepted"),
+    }
+}
+
+#[test]
+fn objective_defaults_to_dino_and_ibot_has_the_official_defaults() {
+    let c = TrainConfig::defaults().unwrap();
+    assert_eq!(c.loss.objective, Objective::Dino);
+    assert!(!c.is_ibot());
+    let b = &c.ibot;
+    assert_eq!(b.pred_ratio, vec![0.3]);
+    assert_eq!(b.pred_ratio_var, vec![0.0]);
+    assert_eq!(b.pred_shape, PredShape::Block);
+    assert_eq!(b.patch_out_dim, 8192);
+    assert!(!b.shared_head && b.shared_head_teacher);
+    assert_eq!(
+        (b.teacher_patch_temp, b.warmup_teacher_patch_temp),
+        (0.07, 0.04)
+    );
+    assert_eq!((b.lambda1, b.lambda2, b.center_momentum2), (1.0, 1.0, 0.9));
+    assert!((b.pred_aspect_ratio[1] - 1.0 / 0.3).abs() < 1e-15);
+    assert_eq!(Objective::NAMES, ["dino", "ibot"]);
+    assert_eq!(PredShape::from_name("rand"), Some(PredShape::Rand));
+}
+
+#[test]
+fn ibot_section_parses_a_value_or_a_list_and_keeps_defaults() {
+    let base = "[model]\narch = \"vit_tiny\"\n[head]\nout_dim = 64\n[loss]\nobjective = \"ibot\"\n";
+    let c = TrainConfig::from_toml_str(&format!(
+        "{base}[ibot]\npred_ratio = [0.0, 0.3]\npred_ratio_var = [0.0, 0.2]\nshared_head = true\n"
+    ))
+    .unwrap();
+    assert!(c.is_ibot());
+    assert_eq!(c.ibot.pred_ratio, vec![0.0, 0.3]);
+    assert_eq!(c.ibot.ratio_vars(), vec![0.0, 0.2]);
+    assert_eq!(c.ibot.student_patch_dim(64), 64);
+    assert_eq!(c.ibot.teacher_patch_temp, 0.07);
+    let c = TrainConfig::from_toml_str(&format!(
+        "{base}[ibot]\npred_ratio = 0.4\npred_ratio_var = 0.1\npred_shape = \"rand\"\nshared_head = true\n"
+    ))
+    .unwrap();
+    assert_eq!(c.ibot.pred_ratio, vec![0.4]);
+    assert_eq!(c.ibot.ratio_vars(), vec![0.1]);
+    assert_eq!(c.ibot.pred_shape, PredShape::Rand);
+    // JSON (checkpoint metadata) round-trips.
+    let back: TrainConfig = serde_json::from_value(c.to_json()).unwrap();
+    assert_eq!(back, c);
+}
+
+#[test]
+fn ibot_validation_names_the_field() {
+    let base = "[model]\narch = \"vit_tiny\"\n[head]\nout_dim = 64\n[loss]\nobjective = \"ibot\"\n";
+    let case = |extra: &str| field_of(TrainConfig::from_toml_str(&format!("{base}{extra}")));
+    // Default shared_head = false, shared_head_teacher = true: K₂ must equal K.
+    assert_eq!(case(""), "ibot.patch_out_dim");
+    let ok = "[ibot]\nshared_head = true\n";
+    assert!(TrainConfig::from_toml_str(&format!("{base}{ok}")).is_ok());
+    assert_eq!(
+        case("[ibot]\nshared_head = true\npred_ratio = 1.5\n"),
+        "ibot.pred_ratio[0]"
+    );
+    assert_eq!(
+        case(
+            "[ibot]\nshared_head = true\npred_ratio = [0.0, 0.3]\npred_ratio_var = [0.1, 0.2, 0.3]\n"
+        ),
+        "ibot.pred_ratio_var"
+    );
+    assert_eq!(
+        case("[ibot]\nshared_head = true\npred_ratio = 0.1\npred_ratio_var = 0.2\n"),
+        "ibot.pred_ratio_var[0]"
+    );
+    assert_eq!(
+        case("[ibot]\nshared_head = true\npred_aspect_ratio = [2.0, 1.0]\n"),
+        "ibot.pred_aspect_ratio"
+    );
+    assert_eq!(
+        case("[ibot]\nshared_head = true\nshared_head_teacher = false\n"),
+        "ibot.shared_head_teacher"
+    );
+    assert_eq!(
+        case("[ibot]\nshared_head = true\nlambda2 = -1\n"),
+        "ibot.lambda2"
+    );
+    assert_eq!(
+        case("[ibot]\nshared_head = true\nteacher_patch_temp = 0\n"),
+        "ibot.teacher_patch_temp"
+    );
+    let other = |head: &str, loss: &str| {
+        field_of(TrainConfig::from_toml_str(&format!(
+            "[model]\narch = \"vit_tiny\"\n[head]\nout_dim = 64\n{head}[loss]\nobjective = \"ibot\"\n{loss}[ibot]\nshared_head = true\n"
+        )))
+    };
+    assert_eq!(other("", "centering = \"sinkhorn\"\n"), "loss.centering");
+    assert_eq!(other("use_bn = true\n", ""), "head.use_bn");
+    // Separate heads on both sides: any K₂.
+    assert!(
+        TrainConfig::from_toml_str(&format!(
+            "{base}[ibot]\nshared_head_teacher = false\npatch_out_dim = 96\n"
+        ))
+        .is_ok()
+    );
+    let rn = "[model]\narch = \"resnet18\"\n[head]\nout_dim = 64\n[loss]\nobjective = \"ibot\"\n[ibot]\nshared_head = true\n";
+    assert_eq!(field_of(TrainConfig::from_toml_str(rn)), "loss.objective");
+    // DINO ignores the section, even an odd one.
+    assert!(
+        TrainConfig::from_toml_str(
+            "[ibot]\npred_ratio = 0.3\nshared_head = true\nshared_head_teacher = false\n"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn unknown_objective_or_ibot_key_is_an_error_naming_it() {
+    let e = TrainConfig::from_toml_str("[loss]\nobjective = \"mae\"\n").unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("mae") && msg.contains("ibot"), "{msg}");
+    let e = TrainConfig::from_toml_str("[ibot]\npred_ratioo = 0.3\n").unwrap_err();
+    assert!(e.to_string().contains("pred_ratioo"), "{e}");
+}
+
+#[test]
+fn official_ibot_vit_s16_recipe() {
+    let c = TrainConfig::load_files(&[configs_dir().join("vit-s16-ibot-official.toml")]).unwrap();
+    assert!(c.is_ibot());
+    assert_eq!(c.head.out_dim, 8192);
+    assert!(c.ibot.shared_head && c.ibot.shared_head_teacher);
+    assert_eq!(c.ibot.pred_ratio, vec![0.0, 0.3]);
+    assert_eq!(c.ibot.pred_ratio_var, vec![0.0, 0.2]);
+    assert!(!c.head.norm_last_layer);
+    assert_eq!(c.crops.local_crops_number, 10);
+    assert_eq!(c.train.epochs, 800);
+    let chart = configs_dir().join("../deploy/protodino/files/configs/vit-s16-ibot-official.toml");
+    assert_eq!(
+        std::fs::read_to_string(chart).unwrap(),
+        std::fs::read_to_string(configs_dir().join("vit-s16-ibot-official.toml")).unwrap(),
+        "the chart's copy must equal configs/"
+    );
+}

@@ -1,7 +1,7 @@
 //! Bounds and cross-field rules. Each failure names the field as a dotted path, so the same
 //! message works for a TOML file, an environment variable and a gRPC job spec.
 
-use crate::{Arch, PrototypeKind, TrainConfig};
+use crate::{Arch, Centering, PrototypeKind, TrainConfig};
 
 /// A configuration value outside its allowed range; `field` is the dotted key.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -224,6 +224,98 @@ impl TrainConfig {
             return Err(err(
                 "model.small_input_stem",
                 "the small-input stem is for crops of at most 128 px",
+            ));
+        }
+        if self.is_ibot() {
+            self.validate_ibot()?;
+        }
+        Ok(())
+    }
+
+    /// The `[ibot]` section and the combinations iBOT defines (only with `loss.objective =
+    /// "ibot"`).
+    fn validate_ibot(&self) -> Result<(), FieldError> {
+        if !self.model.arch.is_vit() {
+            return Err(err(
+                "loss.objective",
+                "\"ibot\" needs a ViT backbone (model.arch vit_*): it masks patch tokens",
+            ));
+        }
+        if self.loss.centering != Centering::Ema {
+            return Err(err(
+                "loss.centering",
+                "iBOT defines only the EMA centres (`center`, `center2`); Sinkhorn-Knopp \
+                 centring of masked patch tokens is DINOv2's different loss, not available here",
+            ));
+        }
+        if self.head.use_bn {
+            return Err(err(
+                "head.use_bn",
+                "must be false with loss.objective = \"ibot\": the head runs on every patch \
+                 token, and BatchNorm over tokens is not the official DINO head",
+            ));
+        }
+        let b = &self.ibot;
+        if b.pred_ratio.is_empty() {
+            return Err(err("ibot.pred_ratio", "needs at least one value"));
+        }
+        for (i, r) in b.pred_ratio.iter().enumerate() {
+            float_in(&format!("ibot.pred_ratio[{i}]"), *r, 0.0, 1.0)?;
+        }
+        if b.pred_ratio_var.len() != 1 && b.pred_ratio_var.len() != b.pred_ratio.len() {
+            return Err(err(
+                "ibot.pred_ratio_var",
+                format!(
+                    "has {} values: give one, or one per ibot.pred_ratio value ({})",
+                    b.pred_ratio_var.len(),
+                    b.pred_ratio.len()
+                ),
+            ));
+        }
+        for (i, (r, v)) in b.pred_ratio.iter().zip(b.ratio_vars()).enumerate() {
+            float_in(&format!("ibot.pred_ratio_var[{i}]"), v, 0.0, 1.0)?;
+            if v > *r || r + v > 1.0 {
+                return Err(err(
+                    &format!("ibot.pred_ratio_var[{i}]"),
+                    format!("{v} must satisfy var <= ratio and ratio + var <= 1 (ratio {r})"),
+                ));
+            }
+        }
+        let [lo, hi] = b.pred_aspect_ratio;
+        if !(lo.is_finite() && hi.is_finite() && 0.0 < lo && lo <= hi) {
+            return Err(err(
+                "ibot.pred_aspect_ratio",
+                format!("{:?} must satisfy 0 < min <= max", b.pred_aspect_ratio),
+            ));
+        }
+        int_in("ibot.pred_start_epoch", b.pred_start_epoch, 0, 100_000)?;
+        int_in("ibot.patch_out_dim", b.patch_out_dim, 2, 1 << 20)?;
+        float_in("ibot.teacher_patch_temp", b.teacher_patch_temp, 1e-3, 10.0)?;
+        float_in(
+            "ibot.warmup_teacher_patch_temp",
+            b.warmup_teacher_patch_temp,
+            1e-3,
+            10.0,
+        )?;
+        float_in("ibot.center_momentum2", b.center_momentum2, 0.0, 1.0)?;
+        float_in("ibot.lambda1", b.lambda1, 0.0, 100.0)?;
+        float_in("ibot.lambda2", b.lambda2, 0.0, 100.0)?;
+        if b.shared_head && !b.shared_head_teacher {
+            return Err(err(
+                "ibot.shared_head_teacher",
+                "must be true when ibot.shared_head = true: the student would have no \
+                 last_layer2 to average into the teacher's, which would never change",
+            ));
+        }
+        if !b.shared_head && b.shared_head_teacher && b.patch_out_dim != self.head.out_dim {
+            return Err(err(
+                "ibot.patch_out_dim",
+                format!(
+                    "{} must equal head.out_dim {} when the teacher's head is shared \
+                     (ibot.shared_head_teacher = true) and the student's is not: the teacher's \
+                     patch logits then come from its CLS prototypes",
+                    b.patch_out_dim, self.head.out_dim
+                ),
             ));
         }
         Ok(())

@@ -168,6 +168,7 @@ fn prepare(config: &Path, out: &Path, seed: i64, lr: f64) -> Res<()> {
             .map(|_| r(cfg.crops.local_crop_size))
             .collect(),
         sample_ids: (0..b).map(|i| 1000 + 7 * i).collect(),
+        masks: None,
     };
     write_batch(&out.join("batch.safetensors"), &batch, Some(&sv))?;
     let o = run_step(cfg, out)?;

@@ -101,6 +101,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             global_crops: vec![r(224), r(224)],
             local_crops: (0..10).map(|_| r(96)).collect(),
             sample_ids: (0..b).map(|i| s * b + i).collect(),
+            masks: None,
         }
     };
     let mut times = Vec::new();

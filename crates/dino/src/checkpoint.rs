@@ -9,7 +9,13 @@
 //! * the optimiser state: `optimizer.exp_avg.<param>`, `optimizer.exp_avg_sq.<param>`,
 //!   `optimizer.step.<param>` (AdamW), `optimizer.momentum_buffer.<param>` (SGD),
 //!   `optimizer.mu.<param>` (LARS), with `<param>` the full student name;
-//! * `koleo.nn_index` when KoLeo-proto caches neighbour indices (refresh interval > 1).
+//! * `koleo.nn_index` when KoLeo-proto caches neighbour indices (refresh interval > 1), and
+//!   `koleo.nn_index_patch` for iBOT's separate `last_layer2`;
+//! * iBOT (`loss.objective = "ibot"`): `ibot_loss.center2` ([1, 1, K₂], the patch centre) and
+//!   the networks' iBOT variables under their official names — `student.backbone.masked_embed`
+//!   ([1, D], the student's mask token; the teacher has none) and
+//!   `{student,teacher}.head.last_layer2.weight_g` / `weight_v` where that network's head is
+//!   not shared. The CLS centre stays `dino_loss.center`.
 //!
 //! The metadata key `protodino` holds a JSON [`CheckpointMeta`]: step, epoch, the whole
 //! configuration, the data position, the seed, iterations per epoch, world size and the schedule
@@ -19,6 +25,14 @@
 //! particular an official DINO checkpoint converted to safetensors, with or without the DDP
 //! `module.` prefix (`student.module.backbone.…`). Without optimiser tensors the optimiser starts
 //! fresh; without a centre the centre is zero; without metadata the step counter is 0.
+//!
+//! An official iBOT checkpoint loads too. Its `ibot_loss` state is `ibot_loss.center` ([1, K])
+//! and `ibot_loss.center2` ([1, 1, K₂]); the official-checkpoint converter renames the first
+//! to `dino_loss.center` and keeps the second (a file that still says `ibot_loss.center` is
+//! read as the CLS centre when `dino_loss.center` is absent). A shared head's `state_dict`
+//! lists the one prototype layer twice, as `head.last_layer.*` and `head.last_layer2.*`: for a
+//! network whose head is shared the `last_layer2` copies are accepted when they equal
+//! `last_layer` and are otherwise an error.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -100,9 +114,15 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             "dino_loss.center".into(),
             self.dino_loss.center.shallow_clone(),
         ));
+        if let Some(ibot) = &self.ibot {
+            out.push(("ibot_loss.center2".into(), ibot.center2.shallow_clone()));
+        }
         out.extend(self.optimizer.state_tensors());
         if let Some((_, idx)) = &self.koleo.cache {
             out.push(("koleo.nn_index".into(), idx.shallow_clone()));
+        }
+        if let Some((_, idx)) = &self.koleo_patch.cache {
+            out.push(("koleo.nn_index_patch".into(), idx.shallow_clone()));
         }
         out
     }
@@ -137,10 +157,16 @@ impl<N: DinoNetwork> DinoTrainer<N> {
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<LoadedCheckpoint> {
         let (raw, metadata) = load_tensors(path)?;
         let meta = read_meta(&metadata, path)?;
-        let tensors: BTreeMap<String, Tensor> = raw
+        let mut tensors: BTreeMap<String, Tensor> = raw
             .into_iter()
             .map(|(k, v)| (canonical_name(&k), v))
             .collect();
+        if !tensors.contains_key("dino_loss.center")
+            && let Some(c) = tensors.remove("ibot_loss.center")
+        {
+            tensors.insert("dino_loss.center".into(), c);
+        }
+        self.drop_shared_head_copies(&mut tensors, path)?;
         self.load_state_tensors(&tensors, path)?;
         let had_center = tensors.contains_key("dino_loss.center");
         let had_optimizer_state = tensors.keys().any(|k| k.starts_with("optimizer."));
@@ -153,12 +179,19 @@ impl<N: DinoNetwork> DinoTrainer<N> {
                     (Some(s), Some(idx)) => Some((s, idx.to_device(self.device))),
                     _ => None,
                 };
+                // The patch layer's cache is computed at the same steps as the CLS layer's.
+                self.koleo_patch.cache =
+                    match (m.koleo_nn_step, tensors.get("koleo.nn_index_patch")) {
+                        (Some(s), Some(idx)) => Some((s, idx.to_device(self.device))),
+                        _ => None,
+                    };
             }
             None => {
                 self.step = 0;
                 self.data_position = serde_json::Value::Null;
                 self.last_schedule = None;
                 self.koleo.cache = None;
+                self.koleo_patch.cache = None;
             }
         }
         Ok(LoadedCheckpoint {
@@ -166,6 +199,42 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             had_optimizer_state,
             had_center,
         })
+    }
+
+    /// Remove `<root>.head.last_layer2.*` of a network without its own `last_layer2` (a
+    /// shared iBOT head, whose official `state_dict` repeats `last_layer`) after checking that
+    /// they equal the `last_layer` tensors.
+    fn drop_shared_head_copies(
+        &self,
+        tensors: &mut BTreeMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<()> {
+        let mut vars = named_variables(&self.student_vs);
+        vars.extend(named_variables(&self.teacher_vs));
+        let names: std::collections::HashSet<String> = vars.into_iter().map(|(n, _)| n).collect();
+        let copies: Vec<String> = tensors
+            .keys()
+            .filter(|k| k.contains(".head.last_layer2.") && !names.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for name in copies {
+            let original = name.replacen(".head.last_layer2.", ".head.last_layer.", 1);
+            let same = match (tensors.get(&name), tensors.get(&original)) {
+                (Some(a), Some(b)) => a.size() == b.size() && a.equal(b),
+                _ => false,
+            };
+            if !same {
+                return Err(DinoError::format(
+                    path,
+                    format!(
+                        "{name}: this network's head is shared (no last_layer2), but the file's \
+                         last_layer2 differs from {original}"
+                    ),
+                ));
+            }
+            tensors.remove(&name);
+        }
+        Ok(())
     }
 
     fn load_state_tensors(
@@ -230,6 +299,25 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             }
             None => self.dino_loss.center.zeros_like(),
         };
+        let center2 = match (&self.ibot, tensors.get("ibot_loss.center2")) {
+            (Some(ibot), Some(c)) => {
+                let want = ibot.center2.size();
+                // The official buffer is [1, 1, K₂]; a [1, K₂] one is accepted as well.
+                if c.numel() as i64 != want[2] || c.size().last() != want.last() {
+                    return Err(DinoError::format(
+                        path,
+                        format!("ibot_loss.center2: shape {:?}, expected {want:?}", c.size()),
+                    ));
+                }
+                Some(
+                    c.reshape(want.as_slice())
+                        .to_device(self.device)
+                        .to_kind(tch::Kind::Float),
+                )
+            }
+            (Some(ibot), None) => Some(ibot.center2.zeros_like()),
+            (None, _) => None,
+        };
         let mut optimizer = crate::optim::Optimizer::new(&self.cfg.optim);
         optimizer.load_state_tensors(tensors, self.device)?;
         // All checks passed: now mutate.
@@ -240,6 +328,9 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             }
         });
         self.dino_loss.center = center;
+        if let (Some(ibot), Some(c2)) = (self.ibot.as_mut(), center2) {
+            ibot.center2 = c2;
+        }
         self.optimizer = optimizer;
         Ok(())
     }

@@ -10,13 +10,15 @@ use crate::error::{DinoError, Result};
 use crate::params::strip_root;
 
 /// Pair teacher parameters with student parameters by name below their roots
-/// (`teacher.head.x` ↔ `student.head.x`). Every teacher parameter must have a partner.
+/// (`teacher.head.x` ↔ `student.head.x`). Every teacher parameter must have a partner; the
+/// student may have parameters the teacher lacks (iBOT's mask token `backbone.masked_embed`, a
+/// student-only `last_layer2`), which — as iBOT's `names_common` — take no part.
 pub fn pair_parameters(
     student: &[(String, Tensor)],
     teacher: &[(String, Tensor)],
 ) -> Result<Vec<(Tensor, Tensor)>> {
     let by_name: HashMap<&str, &Tensor> = student.iter().map(|(n, t)| (strip_root(n), t)).collect();
-    if by_name.len() != teacher.len() {
+    if by_name.len() < teacher.len() {
         return Err(DinoError::Shape(format!(
             "student has {} parameters, teacher {}",
             by_name.len(),
@@ -48,6 +50,33 @@ pub fn ema_update(pairs: &[(Tensor, Tensor)], momentum: f64) {
             let mut t = t.shallow_clone();
             let _ = t.g_mul_scalar_(momentum);
             let _ = t.g_add_(&(s.detach() * (1.0 - momentum)));
+        }
+    });
+}
+
+/// Copy every student variable named `…<from>x` into the teacher's `…<to>x` of the same shape
+/// (iBOT's teacher with a shared head takes the student's `last_layer2` as its initial
+/// prototypes, see `step`).
+pub fn copy_renamed(
+    student: &[(String, Tensor)],
+    teacher: &[(String, Tensor)],
+    from: &str,
+    to: &str,
+) {
+    let by_name: HashMap<String, &Tensor> = teacher
+        .iter()
+        .map(|(n, t)| (strip_root(n).to_string(), t))
+        .collect();
+    tch::no_grad(|| {
+        for (n, s) in student {
+            let name = strip_root(n);
+            if let Some(rest) = name.strip_prefix(from)
+                && let Some(t) = by_name.get(&format!("{to}{rest}"))
+                && t.size() == s.size()
+            {
+                let mut t = t.shallow_clone();
+                t.copy_(s);
+            }
         }
     });
 }

@@ -1,5 +1,6 @@
 //! The DINO + KoLeo-proto training step of protodino, exact to the official DINO code
-//! (`docs/algorithm.md` §1, §2 and the pitfalls of §7). No networking: the distributed
+//! (`docs/algorithm.md` §1, §2 and the pitfalls of §7), and iBOT's masked-patch objective
+//! (`loss.objective = "ibot"`, §5), exact to the official iBOT code. No networking: the distributed
 //! parts are reached through the [`Reducer`] hook.
 //!
 //! Module map (read in this order):
@@ -9,6 +10,9 @@
 //! * [`vmf`] — DINO-vMF: the vMF log-normaliser `log C_d(κ)` and the logit correction
 //!   (`head.prototypes`);
 //! * [`variants`] — the DINO loss under the configured centring and prototype reading;
+//! * [`masking`] — iBOT's block / random masks of the global crops, drawn per
+//!   (seed, epoch, sample id, crop);
+//! * [`ibot`] — iBOT's masked-patch loss, the patch centre `center2`, the patch temperature;
 //! * [`koleo`] — KoLeo-proto on the student prototypes, blockwise nearest-neighbour search;
 //! * [`params`] — official names, parameter groups, buffers, the `last_layer` rule;
 //! * [`grads`] — per-parameter gradient clipping and gradient norms;
@@ -27,9 +31,11 @@ pub mod checkpoint;
 pub mod ema;
 pub mod error;
 pub mod grads;
+pub mod ibot;
 pub mod io;
 pub mod koleo;
 pub mod loss;
+pub mod masking;
 pub mod multicrop;
 pub mod network;
 pub mod optim;
@@ -44,9 +50,11 @@ pub mod vmf;
 
 pub use checkpoint::{CheckpointMeta, LoadedCheckpoint};
 pub use error::{DinoError, NonFiniteLoss, Result};
+pub use ibot::{IbotLoss, PatchLossOutput};
 pub use koleo::{KoleoOutput, KoleoProto, koleo_proto};
 pub use loss::{DinoLoss, DinoLossOutput};
-pub use multicrop::replay_multicrop;
+pub use masking::{MaskSpec, ibot_masks};
+pub use multicrop::{build_network, replay_multicrop};
 pub use network::DinoNetwork;
 pub use optim::Optimizer;
 pub use reducer::{LocalReducer, Reducer};

@@ -1,10 +1,10 @@
-//! The models crate's `MultiCrop` (backbone + DINO head) as a [`DinoNetwork`], and the
+//! The models crate's `MultiCrop` (backbone + DINO or iBOT head) as a [`DinoNetwork`], and the
 //! constructors and replay entry point the binaries call.
 
 use std::path::Path;
 
 use protodino_config::TrainConfig;
-use protodino_models::{ForwardCtx, MultiCrop};
+use protodino_models::{ForwardCtx, IbotLogits, MultiCrop};
 use tch::Tensor;
 
 use crate::error::Result;
@@ -20,15 +20,40 @@ impl DinoNetwork for MultiCrop {
     fn prototypes(&self) -> Tensor {
         self.head.prototypes()
     }
+
+    fn forward_ibot(
+        &self,
+        crops: &[Tensor],
+        n_global: usize,
+        masks: Option<&[Tensor]>,
+        ctx: &ForwardCtx,
+    ) -> Option<IbotLogits> {
+        MultiCrop::forward_ibot(self, crops, n_global, masks, ctx)
+    }
+
+    fn separate_patch_prototypes(&self) -> Option<Tensor> {
+        self.last_layer2.as_ref().map(|l| l.prototypes())
+    }
+}
+
+/// The network of `cfg` for student (`true`) or teacher: iBOT's (mask token on the student,
+/// `last_layer2` unless shared) when `loss.objective = "ibot"`, else DINO's.
+pub fn build_network(p: &tch::nn::Path, cfg: &TrainConfig, student: bool) -> MultiCrop {
+    if cfg.is_ibot()
+        && let Some(n) = MultiCrop::new_ibot(p, &cfg.model, &cfg.head, &cfg.ibot, student)
+    {
+        return n;
+    }
+    MultiCrop::new(p, &cfg.model, &cfg.head, student)
 }
 
 impl DinoTrainer<MultiCrop> {
     /// The trainer of a configuration with the models crate's backbones and DINO head.
+    /// With `loss.objective = "ibot"` the networks are iBOT's ([`build_network`]).
     pub fn from_config(cfg: TrainConfig, niter_per_epoch: i64, world_size: usize) -> Result<Self> {
-        let model = cfg.model.clone();
-        let head = cfg.head.clone();
+        let net_cfg = cfg.clone();
         DinoTrainer::new(cfg, niter_per_epoch, world_size, move |p, student| {
-            MultiCrop::new(p, &model, &head, student)
+            build_network(p, &net_cfg, student)
         })
     }
 }
@@ -41,14 +66,13 @@ pub fn replay_multicrop(
     overrides: ReplayOverrides,
     out: Option<&Path>,
 ) -> Result<ReplayReport> {
-    let model = cfg.model.clone();
-    let head = cfg.head.clone();
+    let net_cfg = cfg.clone();
     replay(
         cfg,
         checkpoint,
         batch_path,
         overrides,
         out,
-        move |p, student| MultiCrop::new(p, &model, &head, student),
+        move |p, student| build_network(p, &net_cfg, student),
     )
 }

@@ -1,10 +1,11 @@
-//! What the step needs from a network: crop-major logits and the effective prototypes.
+//! What the step needs from a network: crop-major logits and the effective prototypes, and for
+//! iBOT the CLS and patch logits with masked global crops and the patch prototypes.
 //!
 //! [`DinoNetwork`] is implemented for `protodino_models::MultiCrop` (in `multicrop`), and by
 //! the tiny reference network of the golden tests, so the very same step code is checked against
 //! PyTorch. Also here: device parsing and the bf16 autocast switch.
 
-use protodino_models::ForwardCtx;
+use protodino_models::{ForwardCtx, IbotLogits};
 use tch::{Device, Tensor};
 
 use crate::error::{DinoError, Result};
@@ -16,6 +17,29 @@ pub trait DinoNetwork {
     fn forward(&self, crops: &[Tensor], ctx: &ForwardCtx) -> Tensor;
     /// The effective prototypes `w_k = g_k v_k/‖v_k‖`, `[K, d]`, in the autograd graph.
     fn prototypes(&self) -> Tensor;
+    /// iBOT (docs/algorithm.md §5.3): CLS logits `[Σ N_crop, K]` of every crop and patch logits
+    /// `[n_global·B, P, K₂]` of the first `n_global` crops, whose patch embeddings are replaced
+    /// by the mask token where `masks` (`[B, h, w]` bool per global crop) is true. `None` (the
+    /// default) for a network without patch tokens.
+    fn forward_ibot(
+        &self,
+        _crops: &[Tensor],
+        _n_global: usize,
+        _masks: Option<&[Tensor]>,
+        _ctx: &ForwardCtx,
+    ) -> Option<IbotLogits> {
+        None
+    }
+    /// iBOT: the effective rows of a separate patch prototype layer (`last_layer2`), `[K₂, d]`
+    /// in the autograd graph; `None` (the default) when the patch tokens use [`Self::prototypes`].
+    fn separate_patch_prototypes(&self) -> Option<Tensor> {
+        None
+    }
+    /// The prototypes of the patch logits: the separate layer's, else [`Self::prototypes`].
+    fn patch_prototypes(&self) -> Tensor {
+        self.separate_patch_prototypes()
+            .unwrap_or_else(|| self.prototypes())
+    }
 }
 
 /// `cpu`, `cuda` or `cuda:N`.

@@ -2,7 +2,8 @@
 //!
 //! A batch file is safetensors with `global_crops` [2, B, 3, G, G], `local_crops` [L, B, 3, l, l]
 //! (absent when L = 0), both normalised fp32, optionally `sample_ids` [B] (int64; default
-//! 0..B), and optionally the metadata key `protodino_batch` holding the JSON
+//! 0..B), optionally `global_masks` [2, B, h, w] (uint8, iBOT's masks; when absent an iBOT
+//! replay derives them from the sample ids as training does), and optionally the metadata key `protodino_batch` holding the JSON
 //! [`ScheduleValues`] of the step. The trainer writes one when a step's loss is not finite.
 //!
 //! Schedule values of the replayed step, first match wins per value: an explicit override,
@@ -39,6 +40,10 @@ pub fn write_batch(path: &Path, batch: &Batch, schedule: Option<&ScheduleValues>
         tensors.push(("local_crops".into(), Tensor::stack(&batch.local_crops, 0)));
     }
     tensors.push(("sample_ids".into(), Tensor::from_slice(&batch.sample_ids)));
+    if let Some(m) = &batch.masks {
+        let stacked = Tensor::stack(m, 0).to_kind(Kind::Uint8);
+        tensors.push(("global_masks".into(), stacked));
+    }
     let mut metadata = BTreeMap::new();
     if let Some(s) = schedule {
         let json = serde_json::to_string(s).map_err(|e| DinoError::format(path, e.to_string()))?;
@@ -73,6 +78,21 @@ pub fn read_batch(path: &Path) -> Result<(Batch, Option<ScheduleValues>)> {
         Some(t) => Vec::<i64>::try_from(t.to_kind(Kind::Int64).flatten(0, -1))?,
         None => (0..b).collect(),
     };
+    let masks = match tensors.get("global_masks") {
+        None => None,
+        Some(t) if t.dim() == 4 && t.size()[0] == 2 && t.size()[1] == b => {
+            Some(t.to_kind(Kind::Bool).unbind(0))
+        }
+        Some(t) => {
+            return Err(DinoError::format(
+                path,
+                format!(
+                    "global_masks has shape {:?}, expected [2, {b}, h, w]",
+                    t.size()
+                ),
+            ));
+        }
+    };
     let schedule = match metadata.get(BATCH_META_KEY) {
         Some(s) => Some(
             serde_json::from_str(s)
@@ -85,6 +105,7 @@ pub fn read_batch(path: &Path) -> Result<(Batch, Option<ScheduleValues>)> {
             global_crops,
             local_crops,
             sample_ids,
+            masks,
         },
         schedule,
     ))

@@ -22,6 +22,14 @@
 //! and the bytes its all-reduces carried are kept in [`DinoTrainer::last_timings`] for the
 //! worker's metrics; measuring them adds no synchronisation and changes no number.
 //!
+//! With `loss.objective = "ibot"` (docs/algorithm.md §5) step 2 runs iBOT's forwards — the
+//! teacher on the unmasked global crops, the student on the masked global crops and the local
+//! crops, both returning CLS and patch logits — and the loss is `λ₁·L_cls + λ₂·L_patch`
+//! ([`crate::ibot`]), KoLeo-proto acting on each trained prototype layer; step 9 also updates
+//! the patch centre `center2`. The batch's masks come from [`Batch::masks`] or, when absent,
+//! from [`crate::masking::ibot_masks`] — a function of (seed, epoch, sample id, crop), so both
+//! give the same masks.
+//!
 //! Determinism: drop-path randomness comes from `(seed, step, sample id)` in the models crate and
 //! everything else here is deterministic, so `N` steps equal `k` steps + checkpoint + resume +
 //! `N − k` steps bit for bit (tested).
@@ -54,6 +62,9 @@ pub struct Batch {
     pub local_crops: Vec<Tensor>,
     /// Dataset index of each of the B images (drives drop-path randomness).
     pub sample_ids: Vec<i64>,
+    /// iBOT: the student's masks of the 2 global crops, bool `[B, h, w]` each (None for DINO;
+    /// for iBOT None means "derive them from the sample ids", [`crate::masking::ibot_masks`]).
+    pub masks: Option<Vec<Tensor>>,
 }
 
 impl Batch {
@@ -69,6 +80,15 @@ impl Batch {
             .chain(self.local_crops.iter())
             .map(|t| t.to_device(device))
             .collect()
+    }
+
+    /// The batch with iBOT's masks of its sample ids in `epoch` under `cfg` (unchanged for
+    /// DINO). The trainer derives the same masks itself when they are missing.
+    pub fn with_ibot_masks(mut self, cfg: &TrainConfig, epoch: i64) -> Self {
+        if cfg.is_ibot() {
+            self.masks = Some(crate::masking::ibot_masks(cfg, epoch, &self.sample_ids));
+        }
+        self
     }
 
     fn check(&self, n_local: i64) -> Result<()> {
@@ -91,6 +111,15 @@ impl Batch {
                 return Err(DinoError::Shape(format!(
                     "crop of shape {:?}, expected [{b}, 3, H, W]",
                     t.size()
+                )));
+            }
+        }
+        if let Some(m) = &self.masks {
+            let ok = m.len() == 2 && m.iter().all(|t| t.dim() == 3 && t.size()[0] == b);
+            if !ok {
+                return Err(DinoError::Shape(format!(
+                    "batch masks {:?}: two [{b}, h, w] tensors expected",
+                    m.iter().map(Tensor::size).collect::<Vec<_>>()
                 )));
             }
         }
@@ -127,6 +156,18 @@ pub struct StepMetrics {
     /// NaN-free 0 when λ = 0).
     pub prototype_nn_mean: f64,
     pub prototype_nn_min: f64,
+    /// iBOT: `λ₁·L_cls`, the CLS part of `dino_loss` (DINO: `dino_loss` itself).
+    #[serde(default)]
+    pub cls_loss: f64,
+    /// iBOT: `λ₂·L_patch`, the masked-patch part of `dino_loss` (DINO: 0).
+    #[serde(default)]
+    pub patch_loss: f64,
+    /// iBOT: the share of the global crops' patches this member masked (DINO: 0).
+    #[serde(default)]
+    pub masked_fraction: f64,
+    /// iBOT: the patch teacher temperature `τ_t2(epoch)` (DINO: 0).
+    #[serde(default)]
+    pub teacher_patch_temp: f64,
 }
 
 /// Wall time of the phases of one step on this worker, in seconds, and the payload of its
@@ -160,8 +201,18 @@ pub struct StepLosses {
     /// Mean entropy of the teacher targets (see [`crate::loss::DinoLossOutput`]).
     pub target_entropy: Tensor,
     pub koleo: Option<crate::koleo::KoleoOutput>,
+    /// KoLeo-proto on iBOT's separate patch prototype layer `last_layer2`.
+    pub koleo_patch: Option<crate::koleo::KoleoOutput>,
     pub total: Tensor,
     pub teacher_output: Tensor,
+    /// iBOT: the teacher's raw patch logits `[2B, P, K₂]` (for `center2`).
+    pub teacher_patch_output: Option<Tensor>,
+    /// iBOT: `λ₁·L_cls` and `λ₂·L_patch` (detached scalars).
+    pub ibot_parts: Option<(Tensor, Tensor)>,
+    /// iBOT: the share of masked patches of the global crops.
+    pub masked_fraction: f64,
+    /// iBOT: `τ_t2` of the step (0 for DINO).
+    pub teacher_patch_temp: f64,
     /// Bytes all-reduced while forming the teacher targets (Sinkhorn-Knopp in a group).
     pub all_reduce_bytes: u64,
 }
@@ -177,6 +228,10 @@ pub struct DinoTrainer<N: DinoNetwork> {
     pub optimizer: Optimizer,
     pub dino_loss: DinoLoss,
     pub koleo: KoleoProto,
+    /// KoLeo-proto of iBOT's separate `last_layer2` (its own neighbour cache; unused else).
+    pub koleo_patch: KoleoProto,
+    /// iBOT's patch loss and centre `center2` (`loss.objective = "ibot"`).
+    pub ibot: Option<crate::ibot::IbotLoss>,
     pub schedules: Schedules,
     /// Index of the next iteration (= number of completed steps).
     pub step: i64,
@@ -239,6 +294,17 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         let init_pairs =
             pair_parameters(&named_variables(&student_vs), &named_variables(&teacher_vs))?;
         copy_student_to_teacher(&init_pairs);
+        if cfg.is_ibot() && !cfg.ibot.shared_head && cfg.ibot.shared_head_teacher {
+            // iBOT's teacher with a shared head loads the student's `last_layer2` into its one
+            // prototype layer last (`load_state_dict(strict=False)` visits `last_layer2` after
+            // `last_layer`, the same module); the EMA then follows the student's `last_layer`.
+            crate::ema::copy_renamed(
+                &named_variables(&student_vs),
+                &named_variables(&teacher_vs),
+                "head.last_layer2.",
+                "head.last_layer.",
+            );
+        }
         let ema_pairs = pair_parameters(
             &named_parameters(&student_vs),
             &named_parameters(&teacher_vs),
@@ -252,9 +318,14 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             cfg.loss.center_momentum,
             device,
         );
+        let ibot = cfg.is_ibot().then(|| {
+            crate::ibot::IbotLoss::new(&cfg, crate::ibot::IbotLoss::patch_dim(&cfg), device)
+        });
         Ok(DinoTrainer {
             optimizer: Optimizer::new(&cfg.optim),
             koleo: KoleoProto::new(&cfg.koleo),
+            koleo_patch: KoleoProto::new(&cfg.koleo),
+            ibot,
             cfg,
             device,
             student_vs,
@@ -307,6 +378,9 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         reducer: &dyn Reducer,
     ) -> Result<StepLosses> {
         batch.check(self.cfg.crops.local_crops_number)?;
+        if self.ibot.is_some() {
+            return self.ibot_losses(batch, sv, reducer);
+        }
         let crops = batch.crops(self.device);
         let bf16 = self.bf16();
         if bf16 {
@@ -354,9 +428,136 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             dino_loss: dino.loss,
             target_entropy: dino.target_entropy,
             koleo,
+            koleo_patch: None,
             total,
             teacher_output,
+            teacher_patch_output: None,
+            ibot_parts: None,
+            masked_fraction: 0.0,
+            teacher_patch_temp: 0.0,
             all_reduce_bytes: target_bytes,
+        })
+    }
+
+    /// iBOT's forwards and losses (docs/algorithm.md §5): the teacher on the unmasked global
+    /// crops, the student on the masked global crops and the locals; `λ₁·L_cls + λ₂·L_patch`
+    /// plus λ·L_KP on `last_layer` and on a separate `last_layer2`.
+    fn ibot_losses(
+        &mut self,
+        batch: &Batch,
+        sv: ScheduleValues,
+        reducer: &dyn Reducer,
+    ) -> Result<StepLosses> {
+        let crops = batch.crops(self.device);
+        let masks = match &batch.masks {
+            Some(m) => m.iter().map(|t| t.to_device(self.device)).collect(),
+            None => crate::masking::ibot_masks(&self.cfg, sv.epoch, &batch.sample_ids)
+                .into_iter()
+                .map(|t| t.to_device(self.device))
+                .collect::<Vec<_>>(),
+        };
+        let (gh, gw) = (crops[0].size()[2], crops[0].size()[3]);
+        let p = self.cfg.model.patch_size;
+        for m in &masks {
+            if m.size()[1..] != [gh / p, gw / p] {
+                return Err(DinoError::Shape(format!(
+                    "masks of shape {:?} for global crops of {gh}×{gw} px, patch {p}",
+                    m.size()
+                )));
+            }
+        }
+        let bf16 = self.bf16();
+        if bf16 {
+            use_bf16_autocast();
+        }
+        let ctx = ForwardCtx {
+            train: true,
+            seed: self.cfg.train.seed,
+            step: sv.step,
+            sample_ids: &batch.sample_ids,
+            crop: 0,
+        };
+        let missing = || DinoError::Config("loss.objective = \"ibot\" needs a ViT network".into());
+        let (teacher_out, student_out) = tch::autocast(bf16, || {
+            let t = tch::no_grad(|| self.teacher.forward_ibot(&crops[..2], 2, None, &ctx));
+            let s = self.student.forward_ibot(&crops, 2, Some(&masks), &ctx);
+            (t, s)
+        });
+        let (teacher_out, student_out) = (
+            teacher_out.ok_or_else(missing)?,
+            student_out.ok_or_else(missing)?,
+        );
+        let (t_cls, t_patch) = (teacher_out.cls.detach(), teacher_out.patch.detach());
+        let ibot = self.ibot.as_ref().expect("iBOT state");
+        let temp2 = ibot.patch_temp(sv.epoch);
+        let vmf = self.cfg.head.prototypes == protodino_config::PrototypeKind::Vmf;
+        let (cls, patch) = tch::autocast(false, || -> Result<_> {
+            let cls = crate::variants::variant_loss(
+                &self.dino_loss,
+                &self.cfg,
+                &self.student,
+                &self.teacher,
+                &student_out.cls,
+                &t_cls,
+                sv.teacher_temp,
+                reducer,
+            )?;
+            let (t_bias, s_bias) = if vmf {
+                let tp = tch::no_grad(|| self.teacher.patch_prototypes().detach());
+                (
+                    Some(crate::vmf::logit_correction(&tp, temp2)?),
+                    Some(crate::vmf::logit_correction(
+                        &self.student.patch_prototypes(),
+                        ibot.student_temp,
+                    )?),
+                )
+            } else {
+                (None, None)
+            };
+            let targets = ibot.patch_targets(&t_patch, temp2, t_bias.as_ref())?;
+            let stacked = crate::ibot::stacked_masks(&masks, self.device);
+            let patch = ibot.patch_loss(&student_out.patch, &targets, &stacked, s_bias.as_ref())?;
+            Ok((cls, patch))
+        })?;
+        let masked_fraction = tch::no_grad(|| {
+            crate::ibot::stacked_masks(&masks, self.device)
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+                .double_value(&[])
+        });
+        let (l1, l2) = (ibot.lambda1, ibot.lambda2);
+        let cls_part = &cls.output.loss * l1;
+        let patch_part = &patch.loss * l2;
+        let loss = &cls_part + &patch_part;
+        let entropy = &cls.output.target_entropy * l1 + &patch.target_entropy * l2;
+        let lambda = self.cfg.koleo.weight;
+        let (koleo, koleo_patch) = if lambda != 0.0 {
+            let k = self.koleo.compute(&self.student.prototypes(), sv.step)?;
+            let kp = match self.student.separate_patch_prototypes() {
+                Some(protos) => Some(self.koleo_patch.compute(&protos, sv.step)?),
+                None => None,
+            };
+            (Some(k), kp)
+        } else {
+            (None, None)
+        };
+        let total = koleo
+            .iter()
+            .chain(koleo_patch.iter())
+            .fold(loss.shallow_clone(), |t, k| t + &k.loss * lambda);
+        Ok(StepLosses {
+            schedule: sv,
+            dino_loss: loss,
+            target_entropy: entropy.detach(),
+            koleo,
+            koleo_patch,
+            total,
+            teacher_output: t_cls,
+            teacher_patch_output: Some(t_patch),
+            ibot_parts: Some((cls_part.detach(), patch_part.detach())),
+            masked_fraction,
+            teacher_patch_temp: temp2,
+            all_reduce_bytes: cls.all_reduce_bytes,
         })
     }
 
@@ -377,11 +578,18 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         let losses = self.losses_with(batch, sv, reducer)?;
         let dino_loss = losses.dino_loss.double_value(&[]);
         let teacher_entropy = losses.target_entropy.double_value(&[]);
+        // Both prototype layers' values (the patch layer's only when separate, iBOT).
         let koleo_proto = losses
             .koleo
-            .as_ref()
-            .map_or(0.0, |k| k.loss.double_value(&[]));
+            .iter()
+            .chain(losses.koleo_patch.iter())
+            .map(|k| k.loss.double_value(&[]))
+            .sum::<f64>();
         let total = losses.total.double_value(&[]);
+        let (cls_loss, patch_loss) = match &losses.ibot_parts {
+            Some((c, p)) => (c.double_value(&[]), p.double_value(&[])),
+            None => (dino_loss, 0.0),
+        };
         if !total.is_finite() {
             return Err(self.non_finite(batch, sv, dino_loss, koleo_proto, total));
         }
@@ -423,6 +631,15 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         if ema_center {
             grads.extend(DinoLoss::center_stats(&losses.teacher_output)?);
         }
+        // iBOT's patch centre: its row sums after the CLS centre's (same row count).
+        let patch_center = losses.teacher_patch_output.is_some() && self.ibot.is_some();
+        if let Some(tp) = losses
+            .teacher_patch_output
+            .as_ref()
+            .filter(|_| patch_center)
+        {
+            grads.push(crate::ibot::IbotLoss::center2_stats(tp));
+        }
         if reducer.world_size() > 1 {
             // The sample count (one f32), then the gradients and the centre statistics.
             timings.all_reduce_bytes = 4 + grads
@@ -432,6 +649,7 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         }
         reducer.all_reduce_sum(&mut grads)?;
         timings.all_reduce_bytes += losses.all_reduce_bytes;
+        let patch_centre_sum = if patch_center { grads.pop() } else { None };
         let centre = if ema_center {
             match (grads.pop(), grads.pop()) {
                 (Some(c), Some(s)) => Some((c, s)),
@@ -463,6 +681,9 @@ impl<N: DinoNetwork> DinoTrainer<N> {
         let t = Instant::now();
         ema_update(&self.ema_pairs, sv.momentum);
         if let Some((centre_count, centre_sum)) = centre {
+            if let (Some(sum2), Some(ibot)) = (&patch_centre_sum, self.ibot.as_mut()) {
+                ibot.apply_center2(sum2, &centre_count);
+            }
             self.dino_loss.apply_center(&centre_sum, &centre_count);
         }
         timings.ema = t.elapsed().as_secs_f64();
@@ -489,6 +710,10 @@ impl<N: DinoNetwork> DinoTrainer<N> {
             last_layer_frozen: frozen,
             prototype_nn_mean: nn_mean,
             prototype_nn_min: nn_min,
+            cls_loss,
+            patch_loss,
+            masked_fraction: losses.masked_fraction,
+            teacher_patch_temp: losses.teacher_patch_temp,
         })
     }
 

@@ -7,11 +7,54 @@
 //! (PyTorch's default Linear init, U(±1/√bottleneck), since it is created after the MLP init).
 //! With `norm_last_layer` the gain is frozen: it is a non-trainable variable of the VarStore,
 //! so it is saved, loaded and EMA-averaged but never in an optimiser.
+//!
+//! iBOT's head (`iBOTHead` of bytedance/ibot) is this head run on every token, plus — unless the
+//! head is shared — a second prototype layer `last_layer2` for the patch tokens
+//! ([`PrototypeLayer`]: the same weight-normalised layer, created after `last_layer`, with its
+//! gain frozen under the same `norm_last_layer` rule). [`DinoHead::bottleneck`] accepts tokens
+//! `[N, T, D]` as well as rows `[N, D]` (the MLP and the normalisation act on the last axis).
 
 use protodino_config::HeadConfig;
 use tch::{Tensor, nn};
 
 use crate::layers::{BatchNorm, Linear, LinearInit, default_uniform};
+
+/// A weight-normalised prototype layer without bias: `weight_g` `[K, 1]` (ones; frozen when
+/// `norm_last_layer`) and `weight_v` `[K, d]` (PyTorch's default Linear init, U(±1/√d)).
+#[derive(Debug)]
+pub struct PrototypeLayer {
+    pub weight_g: Tensor,
+    pub weight_v: Tensor,
+}
+
+impl PrototypeLayer {
+    /// The layer under `vs` (e.g. `student/head/last_layer2`).
+    pub fn new(vs: &nn::Path, out_dim: i64, in_dim: i64, norm_last_layer: bool) -> Self {
+        let weight_v = vs.var("weight_v", &[out_dim, in_dim], default_uniform(in_dim));
+        let weight_g = if norm_last_layer {
+            vs.ones_no_train("weight_g", &[out_dim, 1])
+        } else {
+            vs.ones("weight_g", &[out_dim, 1])
+        };
+        PrototypeLayer { weight_g, weight_v }
+    }
+
+    /// Effective rows `w_k = g_k v_k/‖v_k‖`, `[K, d]`, differentiable (PyTorch's order).
+    pub fn prototypes(&self) -> Tensor {
+        let norm = self.weight_v.norm_scalaropt_dim(2, [1], true);
+        &self.weight_v * (&self.weight_g / norm)
+    }
+
+    /// Logits `[…, K]` of normalised bottleneck features `[…, d]`.
+    pub fn forward(&self, y: &Tensor) -> Tensor {
+        y.linear::<Tensor>(&self.prototypes(), None)
+    }
+
+    /// Number of prototypes K.
+    pub fn out_dim(&self) -> i64 {
+        self.weight_v.size()[0]
+    }
+}
 
 #[derive(Debug)]
 enum MlpLayer {

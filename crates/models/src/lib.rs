@@ -7,10 +7,14 @@
 //! configuration), [`Backbone`] and [`build_backbone`]. Module map:
 //!
 //! * [`vit`] — the DINO Vision Transformer ([`VisionTransformer`], [`VitParams`]), bicubic
-//!   position-embedding interpolation, intermediate layers for the linear probe;
+//!   position-embedding interpolation, intermediate layers for the linear probe, iBOT's
+//!   masked forward with the mask token `masked_embed` returning every token;
 //! * [`resnet`] — torchvision ResNet-18/50 ([`ResNet`], [`ResNetParams`]), small-input stem;
-//! * [`head`] — the DINO projection head with the weight-normalised prototype layer ([`DinoHead`]);
-//! * [`multicrop`] — the multi-crop wrapper, crops grouped by resolution, crop-major rows;
+//! * [`head`] — the DINO projection head with the weight-normalised prototype layer ([`DinoHead`]),
+//!   and iBOT's separate patch prototype layer `last_layer2` ([`PrototypeLayer`]);
+//! * [`multicrop`] — the multi-crop wrapper, crops grouped by resolution, crop-major rows; iBOT's
+//!   forward ([`MultiCrop::new_ibot`], [`MultiCrop::forward_ibot`]): CLS logits of every crop and
+//!   patch logits of the (masked) global crops;
 //! * [`drop_path`] — stochastic depth from a counter-based hash of (seed, step, sample, crop, block);
 //! * [`layers`] — Linear / LayerNorm / BatchNorm / Conv2d with PyTorch names and inits;
 //! * [`weights`] — safetensors files with metadata (atomic writes) and loading into a VarStore.
@@ -26,8 +30,8 @@ pub mod resnet;
 pub mod vit;
 pub mod weights;
 
-pub use head::DinoHead;
-pub use multicrop::MultiCrop;
+pub use head::{DinoHead, PrototypeLayer};
+pub use multicrop::{IbotLogits, MultiCrop};
 pub use resnet::{ResNet, ResNetParams};
 pub use vit::{VisionTransformer, VitParams};
 pub use weights::WeightsError;
@@ -71,6 +75,21 @@ pub trait Backbone: Send + std::fmt::Debug {
     /// Linear-probe features: ViT → CLS tokens (after the final norm) of the last `n` blocks
     /// concatenated, plus the mean patch token of the last block when `avgpool`; ResNet → pooled.
     fn forward_probe(&self, x: &Tensor, n_last_blocks: i64, avgpool: bool) -> Tensor;
+    /// iBOT: every token after the final norm, `[N, 1 + P, D]` (CLS first), with the patch
+    /// embeddings where `mask` (`[N, h, w]` bool) is true replaced by the mask token. `None` for
+    /// backbones without patch tokens (ResNets).
+    fn forward_all_tokens(
+        &self,
+        _x: &Tensor,
+        _mask: Option<&Tensor>,
+        _ctx: &ForwardCtx,
+    ) -> Option<Tensor> {
+        None
+    }
+    /// Whether the backbone owns iBOT's mask token (`backbone.masked_embed`).
+    fn has_mask_token(&self) -> bool {
+        false
+    }
 }
 
 /// The ViT hyper-parameters of a configuration (None for ResNets); `model.depth > 0` overrides
@@ -91,6 +110,20 @@ pub fn vit_params(cfg: &ModelConfig, drop_path: bool) -> Option<VitParams> {
     }
     p.drop_path_rate = if drop_path { cfg.drop_path_rate } else { 0.0 };
     Some(p)
+}
+
+/// [`build_backbone`] for iBOT: a ViT with the mask token `masked_embed` when `mask_token` (the
+/// student); `None` for a ResNet (iBOT masks patch tokens).
+pub fn build_masked_backbone(
+    vs: &nn::Path,
+    cfg: &ModelConfig,
+    drop_path: bool,
+    mask_token: bool,
+) -> Option<Box<dyn Backbone>> {
+    let p = vit_params(cfg, drop_path)?;
+    Some(Box::new(VisionTransformer::with_mask_token(
+        vs, &p, mask_token,
+    )))
 }
 
 /// The backbone of a configuration, its variables created under `vs` (e.g. `student/backbone`).

@@ -5,6 +5,12 @@
 //! with qkv bias and LayerNorm eps 1e-6, a final LayerNorm, and the CLS token as the feature.
 //! Position embeddings are bicubically interpolated for other crop sizes exactly as the
 //! official `interpolate_pos_encoding` does (scale factors `(w0 + 0.1)/√N`, CLS kept).
+//!
+//! iBOT's masked forward ([`VisionTransformer::forward_tokens_masked`], bytedance/ibot
+//! `vision_transformer.py`): a student built with [`VisionTransformer::with_mask_token`] owns
+//! the learned mask token `masked_embed` `[1, D]` (zeros, as the official parameter); the patch
+//! embeddings at masked positions are replaced by it *before* the CLS token and the position
+//! embedding are added, and every token comes out after the final norm.
 
 use tch::{Tensor, nn};
 
@@ -186,10 +192,19 @@ pub struct VisionTransformer {
     patch_bias: Tensor,
     blocks: Vec<Block>,
     norm: LayerNorm,
+    /// iBOT's mask token `masked_embed` `[1, D]` (students built for masked image modelling).
+    pub masked_embed: Option<Tensor>,
 }
 
 impl VisionTransformer {
     pub fn new(vs: &nn::Path, p: &VitParams) -> Self {
+        Self::with_mask_token(vs, p, false)
+    }
+
+    /// A ViT, with iBOT's mask token `masked_embed` (zeros) when `mask_token`. The token is
+    /// created last and draws no random numbers, so the other initial weights are those of
+    /// [`VisionTransformer::new`].
+    pub fn with_mask_token(vs: &nn::Path, p: &VitParams, mask_token: bool) -> Self {
         let d = p.embed_dim;
         let grid = p.img_size / p.patch_size;
         let num_patches = grid * grid;
@@ -219,6 +234,7 @@ impl VisionTransformer {
             patch_bias,
             blocks,
             norm: LayerNorm::new(&(vs / "norm"), d, LN_EPS),
+            masked_embed: mask_token.then(|| vs.zeros("masked_embed", &[1, d])),
         }
     }
 
@@ -256,6 +272,16 @@ impl VisionTransformer {
 
     /// Tokens `[B, 1 + N, D]` before the first block: patch embedding, CLS, position embedding.
     pub fn prepare_tokens(&self, x: &Tensor) -> Tensor {
+        self.prepare_tokens_masked(x, None)
+    }
+
+    /// [`Self::prepare_tokens`] with iBOT's masking: where `mask` (`[B, h, w]` or `[B, h·w]`,
+    /// bool, row-major patch grid) is true the patch embedding is replaced by `masked_embed`
+    /// before the position embedding is added.
+    ///
+    /// # Panics
+    /// With a mask on a ViT built without a mask token, or a mask of the wrong size.
+    pub fn prepare_tokens_masked(&self, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let (b, _c, h, w) = x.size4().expect("images are [B, C, H, W]");
         let p = self.params.patch_size;
         let tokens = x
@@ -269,6 +295,21 @@ impl VisionTransformer {
             )
             .flatten(2, -1)
             .transpose(1, 2);
+        let tokens = match mask {
+            None => tokens,
+            Some(m) => {
+                let token = self
+                    .masked_embed
+                    .as_ref()
+                    .expect("a mask needs a ViT built with a mask token");
+                let n = tokens.size()[1];
+                let m = m.reshape([b, n, 1]).to_device(tokens.device());
+                token
+                    .to_kind(tokens.kind())
+                    .reshape([1, 1, -1])
+                    .where_self(&m, &tokens)
+            }
+        };
         let cls = self.cls_token.expand([b, -1, -1], false);
         let tokens = Tensor::cat(&[cls, tokens], 1);
         tokens + self.interpolate_pos_encoding(h, w)
@@ -294,6 +335,22 @@ impl VisionTransformer {
         self.norm.forward(&t)
     }
 
+    /// iBOT's forward with `return_all_tokens`: every token after the final norm,
+    /// `[B, 1 + N, D]`, the patch embeddings at the `mask` positions replaced by the mask token
+    /// (see [`Self::prepare_tokens_masked`]).
+    pub fn forward_tokens_masked(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> Tensor {
+        let mut t = self.prepare_tokens_masked(x, mask);
+        for blk in &self.blocks {
+            t = blk.forward(&t, ctx);
+        }
+        self.norm.forward(&t)
+    }
+
     /// The official `get_intermediate_layers(x, n)`: the final norm applied to the outputs of the
     /// last `n` blocks.
     pub fn get_intermediate_layers(&self, x: &Tensor, n: i64, ctx: &ForwardCtx) -> Vec<Tensor> {
@@ -310,6 +367,19 @@ impl Backbone for VisionTransformer {
 
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Tensor {
         self.forward_tokens(x, ctx).select(1, 0)
+    }
+
+    fn forward_all_tokens(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> Option<Tensor> {
+        Some(self.forward_tokens_masked(x, mask, ctx))
+    }
+
+    fn has_mask_token(&self) -> bool {
+        self.masked_embed.is_some()
     }
 
     /// `eval_linear.py`: CLS of the last `n` blocks concatenated; with `avgpool` (the ViT-B

@@ -1,7 +1,8 @@
 //! The final report of a run: what rank 0 prints at the end of `protodino train` (and records in
 //! `metrics.jsonl`) and what it sends the coordinator as the job's result (`ReportResult`):
-//! the last step's losses, the collapse figures of the final state with usage, the k-NN of its
-//! teacher, throughput and the final checkpoint.
+//! the last step's losses, the collapse figures of the final state (both heads: unique counts,
+//! NN statistics and KoLeo-proto, displacement from step 0; the teacher's usage and target
+//! sharpness), the k-NN of its teacher, throughput and the final checkpoint.
 
 use std::path::Path;
 
@@ -99,30 +100,7 @@ impl FinalReport {
                 m.dino_loss, m.koleo_proto, m.total
             );
         }
-        let r = &self.collapse.report;
-        println!("unique prototypes (teacher head, K = {}):", r.k);
-        for c in &r.counts {
-            println!(
-                "  eps {:<6} greedy {:>6}  connected components {:>6}",
-                c.eps, c.greedy, c.connected_components
-            );
-        }
-        if let Some(u) = &self.collapse.usage {
-            println!(
-                "prototype usage over {} training images: {} clusters used, MLCD entropy {:.3} (effective {:.1}), grouped at eps {}: {} of {} groups used",
-                u["n_samples"],
-                u["used_clusters"],
-                u["mlcd"]["entropy"].as_f64().unwrap_or(f64::NAN),
-                u["mlcd"]["effective_number"].as_f64().unwrap_or(f64::NAN),
-                u["grouped"]["eps"],
-                u["grouped"]["used_groups"],
-                u["grouped"]["groups"]
-            );
-        }
-        println!(
-            "prototype NN distance: mean {:.4}, min {:.4}",
-            r.nn.mean, r.nn.min
-        );
+        print!("{}", collapse_lines(&self.collapse));
         match &self.knn {
             Some(k) => {
                 for res in &k.results {
@@ -138,5 +116,116 @@ impl FinalReport {
             "{:.1} images/s; skipped records: {}; checkpoint {}",
             self.images_per_second, self.skipped_records, self.checkpoint
         );
+    }
+}
+
+/// The collapse part of the printed report: unique prototypes of both heads at every ε, NN
+/// distances, KoLeo-proto and displacement, then the teacher's target sharpness and usage.
+pub fn collapse_lines(c: &FinalCollapse) -> String {
+    use std::fmt::Write;
+    let r = &c.report;
+    let mut s = String::new();
+    let student = c.student.as_ref();
+    let _ = writeln!(
+        s,
+        "unique prototypes (K = {}), greedy / connected components:",
+        r.k
+    );
+    for (i, t) in r.counts.iter().enumerate() {
+        let _ = write!(
+            s,
+            "  eps {:<6} teacher {:>6} / {:<6}",
+            t.eps, t.greedy, t.connected_components
+        );
+        if let Some(sc) = student.and_then(|h| h.report.counts.get(i)) {
+            let _ = write!(
+                s,
+                "  student {:>6} / {:<6}",
+                sc.greedy, sc.connected_components
+            );
+        }
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+    }
+    let disp = |d: Option<&protodino_analysis::Displacement>| {
+        d.map_or(String::new(), |d| {
+            format!(", displacement from step 0 {:.4}", d.mean)
+        })
+    };
+    let _ = writeln!(
+        s,
+        "teacher prototypes: NN distance mean {:.4}, min {:.4}, KoLeo-proto {:.4}{}",
+        r.nn.mean,
+        r.nn.min,
+        r.nn.koleo_proto,
+        disp(c.displacement.as_ref())
+    );
+    if let Some(h) = student {
+        let n = &h.report.nn;
+        let _ = writeln!(
+            s,
+            "student prototypes: NN distance mean {:.4}, min {:.4}, KoLeo-proto {:.4}{}",
+            n.mean,
+            n.min,
+            n.koleo_proto,
+            disp(h.displacement.as_ref())
+        );
+    }
+    if let Some(sh) = &c.sharpness {
+        let _ = writeln!(
+            s,
+            "teacher targets: mean entropy {:.3} nats vs ln K {:.3} (ratio {:.3})",
+            sh.mean_sample_entropy, sh.ln_k, sh.relative
+        );
+    }
+    if let Some(u) = &c.usage {
+        let _ = writeln!(
+            s,
+            "prototype usage over {} training images: {} clusters used, MLCD entropy {:.3} (effective {:.1}), grouped at eps {}: {} of {} groups used",
+            u["n_samples"],
+            u["used_clusters"],
+            u["mlcd"]["entropy"].as_f64().unwrap_or(f64::NAN),
+            u["mlcd"]["effective_number"].as_f64().unwrap_or(f64::NAN),
+            u["grouped"]["eps"],
+            u["grouped"]["used_groups"],
+            u["grouped"]["groups"]
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::analysis::{analyze_heads, initial_prototypes, prototype_snapshot};
+    use crate::train::model::build_trainer;
+    use crate::train::testing::tiny_config;
+
+    #[test]
+    fn collapse_lines_show_both_heads() {
+        let trainer = build_trainer(&tiny_config(), 4, 1).unwrap();
+        let snap = prototype_snapshot(&trainer);
+        let init = initial_prototypes(&snap.initial);
+        let (t, s) = analyze_heads(&snap, Some(&init), &[0.025, 0.1]).unwrap();
+        let c = FinalCollapse {
+            head: "teacher".into(),
+            report: t.figures.report,
+            usage: None,
+            displacement: t.figures.displacement,
+            student: Some(s.figures),
+            sharpness: Some(protodino_analysis::Sharpness::new(1.0, 16).unwrap()),
+        };
+        let text = collapse_lines(&c);
+        assert!(
+            text.contains("eps 0.1    teacher     16 / 16      student     16 / 16\n"),
+            "{text}"
+        );
+        assert!(text.contains("student prototypes: NN distance"), "{text}");
+        assert!(
+            text.contains("displacement from step 0 0.0000")
+                || text.contains("displacement from step 0 -0.0000"),
+            "{text}"
+        );
+        assert!(text.contains("vs ln K 2.773"), "{text}");
     }
 }

@@ -199,6 +199,7 @@ pub fn golden_batch(fx: &BTreeMap<String, Tensor>, it: usize) -> protodino_dino:
         global_crops: fx[&format!("batch{it}.global_crops")].unbind(0),
         local_crops: fx[&format!("batch{it}.local_crops")].unbind(0),
         sample_ids: vec![0, 1],
+        masks: None,
     }
 }
 
@@ -249,5 +250,6 @@ pub fn synthetic_batch(step: i64, b: i64, n_local: i64) -> protodino_dino::Batch
         global_crops: (0..2).map(|c| crop(c, 16)).collect(),
         local_crops: (0..n_local).map(|c| crop(2 + c, 8)).collect(),
         sample_ids: ids,
+        masks: None,
     }
 }

@@ -1,0 +1,3 @@
+fn main() {
+    protodino_torch_rpath::emit();
+}
