@@ -976,3 +976,40 @@ fn loss_variants_come_through_the_toml_configuration() {
     head(&mut spec).norm_last_layer = Some(true);
     assert_eq!(err(&spec).field, "spec.head.norm_last_layer");
 }
+
+#[test]
+fn the_objective_comes_through_the_toml_configuration() {
+    use protodino_config::Objective;
+    let with = |toml: &str| JobSpec {
+        config_toml: toml.into(),
+        ..demo()
+    };
+    assert_eq!(valid(&demo()).config.loss.objective, Objective::Dino);
+    let c = valid(&with(
+        "[loss]\nobjective = \"ibot\"\n[ibot]\nshared_head = true\npred_ratio = [0.0, 0.3]\n",
+    ))
+    .config;
+    assert_eq!(c.loss.objective, Objective::Ibot);
+    assert!(c.ibot.shared_head);
+
+    let err = |spec: &JobSpec| validate_spec(spec, &configs(), MAX_WORKERS).unwrap_err();
+    // Each refusal is INVALID_ARGUMENT under `spec.config_toml`, naming the key.
+    for (toml, key) in [
+        ("[loss]\nobjective = \"mae\"\n", "loss.objective"),
+        (
+            "[loss]\nobjective = \"ibot\"\n[ibot]\nshared_head = true\npred_ratio = [1.5]\n",
+            "ibot.pred_ratio",
+        ),
+        (
+            "[loss]\nobjective = \"ibot\"\ncentering = \"sinkhorn\"\n[ibot]\nshared_head = true\n",
+            "centering",
+        ),
+    ] {
+        let e = err(&with(toml));
+        assert!(e.field.starts_with("spec.config_toml"), "{toml}: {e}");
+        assert!(
+            e.field.contains(key) || e.message.contains(key),
+            "{toml}: {e}"
+        );
+    }
+}

@@ -141,11 +141,16 @@ fn resume_with_the_variants_is_bit_identical() {
 
 #[test]
 fn koleo_proto_sees_only_the_directions_of_vmf_prototypes() {
-    tch::manual_seed(9);
-    let v = Tensor::randn([40, 8], (Kind::Float, tch::Device::Cpu));
+    // Under the trainers' generator lock: a bare `manual_seed` here would race with the
+    // initialisation of the trainers built by the other tests of this binary.
+    let (v, g2) = protodino_dino::step::seeded(9, || {
+        (
+            Tensor::randn([40, 8], (Kind::Float, tch::Device::Cpu)),
+            Tensor::rand([40, 1], (Kind::Float, tch::Device::Cpu)) * 20.0 + 0.1,
+        )
+    });
     let g1 = Tensor::ones([40, 1], (Kind::Float, tch::Device::Cpu));
-    let g2 = (Tensor::rand([40, 1], (Kind::Float, tch::Device::Cpu)) * 20.0 + 0.1)
-        .set_requires_grad(true);
+    let g2 = g2.set_requires_grad(true);
     let unit = koleo_proto(&Tensor::internal_weight_norm(&v, &g1, 0), 1e-8, 16, None).unwrap();
     let vmf = koleo_proto(&Tensor::internal_weight_norm(&v, &g2, 0), 1e-8, 16, None).unwrap();
     assert!(unit.nn_index.equal(&vmf.nn_index));

@@ -69,9 +69,9 @@ pub fn to_batch(b: &MultiCropBatch) -> Batch {
 }
 
 /// [`to_batch`] with iBOT's masks of the global crops when `cfg` selects the iBOT objective:
-/// drawn from the batch's sample ids, its epoch and `cfg.train.seed` (the job's seed). The step
-/// loop still calls [`to_batch`], whose batches get the very same masks from the trainer.
-#[allow(dead_code)] // the step loop (another module's owner) switches to it next
+/// drawn from the batch's sample ids, its epoch and `cfg.train.seed` (the job's seed), so a
+/// sample's masks do not depend on which member or which step share holds it. What the step
+/// loop trains on.
 pub fn to_batch_for(b: &MultiCropBatch, cfg: &TrainConfig) -> Batch {
     to_batch(b).with_ibot_masks(cfg, b.epoch as i64)
 }

@@ -25,7 +25,7 @@ use serde_json::json;
 
 use super::analysis::{Analyst, CollapseRecord, prototype_snapshot};
 use super::checkpoints::save_checkpoint;
-use super::model::{Trainer, to_batch};
+use super::model::{Trainer, to_batch_for};
 use super::policy::{Cadence, Due, due};
 use crate::dist::Dist;
 
@@ -223,7 +223,7 @@ pub fn run_steps(
             for s in &mb.skipped {
                 sink.note(format!("skipped record: {s:?}"));
             }
-            let batch = to_batch(&mb);
+            let batch = to_batch_for(&mb, &trainer.cfg);
             stream.recycle(mb);
             let mut m = match trainer.train_step(&batch, reducer) {
                 Ok(m) => m,
