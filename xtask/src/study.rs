@@ -733,3 +733,50 @@ fn objectives_table(s: &mut String, runs: &[Value]) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_layers_win_key_by_key_and_tables_merge() {
+        let mut a: toml::Table = "[optim]\nlr = 1.0\nmin_lr = 0.5\n[train]\nepochs = 3\n"
+            .parse()
+            .unwrap();
+        let b: toml::Table = "[optim]\nlr = 2.0\n[koleo]\nweight = 0.1\n".parse().unwrap();
+        merge_into(&mut a, b);
+        assert_eq!(a["optim"]["lr"].as_float(), Some(2.0));
+        assert_eq!(a["optim"]["min_lr"].as_float(), Some(0.5));
+        assert_eq!(a["train"]["epochs"].as_integer(), Some(3));
+        assert_eq!(a["koleo"]["weight"].as_float(), Some(0.1));
+    }
+
+    /// Every run of every plan is a configuration the product accepts, so a study never fails
+    /// at submission after hours of earlier runs; and the layers really are layered (the run's
+    /// K, data set and objective arrive in the merged file).
+    #[test]
+    fn every_planned_run_merges_into_a_valid_configuration() {
+        for which in [Plan::Collapse, Plan::Objectives] {
+            for quick in [false, true] {
+                for spec in plan(which, quick) {
+                    let merged = merge_toml(&run_configs(&spec, quick)).unwrap();
+                    let text = toml::to_string(&merged).unwrap();
+                    let cfg = protodino_config::TrainConfig::from_toml_str(&text)
+                        .unwrap_or_else(|e| panic!("{}: {e}", spec.name()));
+                    assert_eq!(cfg.head.out_dim, spec.k, "{}", spec.name());
+                    if let Some(o) = spec.objective {
+                        assert_eq!(cfg.is_ibot(), o.starts_with("ibot"), "{o}");
+                        assert_eq!(
+                            cfg.head.prototypes == protodino_config::PrototypeKind::Vmf,
+                            o.ends_with("vmf"),
+                            "{o}"
+                        );
+                    }
+                    if spec.dataset == "lt100" {
+                        assert!(cfg.data.train.contains("lt100"), "{}", spec.name());
+                    }
+                }
+            }
+        }
+    }
+}
