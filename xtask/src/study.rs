@@ -743,7 +743,9 @@ mod tests {
         let mut a: toml::Table = "[optim]\nlr = 1.0\nmin_lr = 0.5\n[train]\nepochs = 3\n"
             .parse()
             .unwrap();
-        let b: toml::Table = "[optim]\nlr = 2.0\n[koleo]\nweight = 0.1\n".parse().unwrap();
+        let b: toml::Table = "[optim]\nlr = 2.0\n[koleo]\nweight = 0.1\n"
+            .parse()
+            .unwrap();
         merge_into(&mut a, b);
         assert_eq!(a["optim"]["lr"].as_float(), Some(2.0));
         assert_eq!(a["optim"]["min_lr"].as_float(), Some(0.5));
