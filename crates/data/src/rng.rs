@@ -14,13 +14,13 @@
 pub const PERMUTATION_DOMAIN: u64 = 0x5045_524d_5554_4531; // "PERMUTE1"
 
 #[inline]
-fn mix64(mut z: u64) -> u64 {
+pub fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
 
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+pub const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// Key of one (seed, epoch, sample id, stream) tuple.
 pub fn sample_key(seed: u64, epoch: u64, sample_id: u64, stream: u64) -> u64 {

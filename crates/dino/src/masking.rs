@@ -23,17 +23,9 @@
 //! runs the official algorithm with Python's `random`; the tests compare both.
 
 use protodino_config::{PredShape, TrainConfig};
+use protodino_data::rng::{CounterRng, GOLDEN, mix64};
 use tch::Tensor;
 
-/// SplitMix64 finaliser: a bijective 64-bit mixer with full avalanche.
-#[inline]
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 /// Key domain of the masks ("IBOTMASK"), distinct from the crops' and drop path's.
 const MASK_DOMAIN: u64 = 0x4942_4f54_4d41_534b;
 
@@ -46,41 +38,38 @@ pub fn mask_key(seed: u64, epoch: i64, sample_id: i64, crop: i64) -> u64 {
     k
 }
 
-/// A counter-based generator: the `n`-th draw depends only on the key and `n`.
+/// The data pipeline's counter-based generator ([`CounterRng`]: the `n`-th draw depends only on
+/// the key and `n`) on a mask key, plus the integer draw the mask algorithm needs.
 #[derive(Debug, Clone)]
 pub struct MaskRng {
-    key: u64,
-    counter: u64,
+    rng: CounterRng,
 }
 
 impl MaskRng {
     /// The generator of crop `crop` of sample `sample_id` in `epoch`.
     pub fn for_crop(seed: u64, epoch: i64, sample_id: i64, crop: i64) -> Self {
         MaskRng {
-            key: mask_key(seed, epoch, sample_id, crop),
-            counter: 0,
+            rng: CounterRng::new(mask_key(seed, epoch, sample_id, crop)),
         }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        let c = self.counter;
-        self.counter = self.counter.wrapping_add(1);
-        mix64(mix64(self.key ^ c.wrapping_mul(GOLDEN)) ^ self.key.rotate_left(32))
+        self.rng.next_u64()
     }
 
     /// Uniform in [0, 1) with 53 random bits.
     pub fn uniform01(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        self.rng.uniform01()
     }
 
     /// Python's `random.uniform(a, b)`: `a + (b − a)·u` (also for `b < a`).
     pub fn uniform(&mut self, a: f64, b: f64) -> f64 {
-        a + (b - a) * self.uniform01()
+        self.rng.uniform(a, b)
     }
 
     /// Uniform integer in [0, n) (n > 0) by the widening multiply.
     pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+        self.rng.below(n)
     }
 
     /// Python's `random.randint(a, b)`: uniform in [a, b], both included.
