@@ -100,19 +100,23 @@ pub struct LocalService {
 /// Builds the release binaries of the service (`protodino`, `protodino-coordinator`); returns
 /// their directory.
 pub fn build_release() -> Result<PathBuf> {
+    build_release_bins(&[])
+}
+
+/// [`build_release`] and the `(package, binary)` pairs of `extra`, in one cargo invocation (so
+/// the shared crates are built once, with one feature set).
+pub fn build_release_bins(extra: &[(&str, &str)]) -> Result<PathBuf> {
     let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "--package",
-        "protodino-worker",
-        "--bin",
-        "protodino",
-        "--package",
-        "protodino-coordinator",
-        "--bin",
-        "protodino-coordinator",
-    ]);
+    build.args(["build", "--release"]);
+    for (package, bin) in [
+        ("protodino-worker", "protodino"),
+        ("protodino-coordinator", "protodino-coordinator"),
+    ]
+    .iter()
+    .chain(extra)
+    {
+        build.args(["--package", package, "--bin", bin]);
+    }
     run(build)?;
     Ok(target_dir().join("release"))
 }

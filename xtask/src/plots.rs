@@ -1,5 +1,8 @@
 //! PNG figures of the collapse study (plotters, bitmap backend; text through ab_glyph with a
-//! font file provisioned by the study, so no system font library is needed).
+//! font file provisioned by the study, so no system font library is needed). One panel per
+//! (data set or feature source, K); within a panel one colour per λ, the teacher's head drawn
+//! solid and the student's dashed, a second seed thinner. The end-to-end runs and the
+//! frozen-feature (mechanism) runs get their own figures.
 
 use std::path::Path;
 
@@ -100,62 +103,172 @@ fn panel_runs<'a>(runs: &'a [Value], p: &(String, i64)) -> Vec<&'a Value> {
     v
 }
 
+/// A labelled dashed line (the student's head).
+fn dashed<X, Y>(
+    chart: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<X, Y>>,
+    pts: Vec<(f64, f64)>,
+    style: ShapeStyle,
+    label: String,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(DashedLineSeries::new(pts, 9, 6, style))
+        .map_err(err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 8, y)], style));
+    Ok(())
+}
+
+/// The run's λ (and seed, when not 0) for a legend.
+fn run_label(r: &Value) -> String {
+    let lambda = r["lambda"].as_f64().unwrap_or(0.0);
+    match r["seed"].as_u64() {
+        Some(s) if s != 0 => format!("λ = {lambda}, seed {s}"),
+        _ => format!("λ = {lambda}"),
+    }
+}
+
+/// The run's line style: its λ's colour, thinner for a second seed.
+fn run_style(r: &Value) -> ShapeStyle {
+    let c = lambda_color(r["lambda"].as_f64().unwrap_or(0.0));
+    let width = if r["seed"].as_u64().unwrap_or(0) == 0 {
+        3
+    } else {
+        1
+    };
+    c.stroke_width(width)
+}
+
+/// A per-analysis series of a run: `get` applied to every analysis, the final figures appended
+/// when the last analysis is earlier.
+fn analysis_series(r: &Value, get: &dyn Fn(&Value) -> Option<f64>) -> Vec<(f64, f64)> {
+    let mut pts: Vec<(f64, f64)> = r["series"]["analyses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| Some((a["step"].as_f64()?, get(a)?)))
+        .collect();
+    if let (Some(s), Some(v)) = (r["steps"].as_f64(), get(&r["final"]["collapse"]))
+        && pts.last().is_none_or(|l| l.0 < s)
+    {
+        pts.push((s, v));
+    }
+    pts
+}
+
+fn xmax(rs: &[&Value]) -> f64 {
+    rs.iter()
+        .filter_map(|r| r["steps"].as_f64())
+        .fold(1.0, f64::max)
+}
+
+/// The y range of some series, padded.
+fn y_range(series: &[Vec<(f64, f64)>], floor: Option<f64>) -> std::ops::Range<f64> {
+    let all = series.iter().flat_map(|p| p.iter().map(|x| x.1));
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), y| {
+        (l.min(y), h.max(y))
+    });
+    let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+    let pad = ((hi - lo) * 0.1).max(1e-3);
+    let lo = floor.map_or(lo - pad, |f| f.min(lo));
+    lo..(hi + pad)
+}
+
 /// Draw every figure into `out`; returns `(file name, caption)` pairs.
 pub fn all(doc: &Value, out: &Path) -> Result<Vec<(String, String)>> {
     let runs = doc["runs"].as_array().cloned().unwrap_or_default();
+    let (mech, e2e): (Vec<Value>, Vec<Value>) =
+        runs.into_iter().partition(|r| r["kind"] == "mechanism");
     let mut figs = Vec::new();
-    let eps = "0.025";
-    let name = "unique_over_training.png";
-    unique_over_training(&runs, eps, &out.join(name))?;
-    figs.push((
-        name.to_string(),
-        format!("Unique prototypes (teacher head, greedy, ε = {eps}) over training, per KoLeo-proto weight λ"),
-    ));
-    let name = "prototype_spread_over_training.png";
-    nn_over_training(&runs, &out.join(name))?;
-    figs.push((
-        name.to_string(),
-        "Mean nearest-neighbour distance between the teacher's normalised prototypes over training, per λ (KoLeo-proto maximises the log of these distances)".to_string(),
-    ));
-    let name = "unique_vs_eps.png";
-    unique_vs_eps(&runs, &out.join(name))?;
-    figs.push((
-        name.to_string(),
-        "Final unique prototypes as a fraction of K against the threshold ε".to_string(),
-    ));
-    let name = "knn_vs_lambda.png";
-    knn_vs_lambda(&runs, &out.join(name))?;
-    figs.push((
-        name.to_string(),
-        "k-NN top-1 (k = 20) against λ; on the long-tailed set also the head and tail classes"
-            .to_string(),
-    ));
-    let name = "grouped_mlcd.png";
-    grouped_mlcd(&runs, &out.join(name))?;
-    figs.push((
-        name.to_string(),
-        format!("Grouped marginal latent class distribution at ε = {eps}: mass of each unique-prototype group, largest first (log scale)"),
-    ));
+    for (runs, prefix, what) in [
+        (&e2e, "", "end to end"),
+        (&mech, "mechanism_", "frozen features"),
+    ] {
+        if runs.is_empty() {
+            continue;
+        }
+        let mut add = |name: &str, caption: String| {
+            figs.push((format!("{prefix}{name}"), format!("{caption} ({what})")));
+            out.join(format!("{prefix}{name}"))
+        };
+        for eps in ["0.025", "0.1"] {
+            let tag = eps.replace('.', "");
+            let path = add(
+                &format!("unique_over_training_eps{tag}.png"),
+                format!(
+                    "Unique prototypes (greedy, ε = {eps}) over training: teacher solid, student dashed, per λ"
+                ),
+            );
+            unique_over_training(runs, eps, &path)?;
+        }
+        let path = add(
+            "unique_vs_eps.png",
+            "Final unique prototypes as a fraction of K against ε from 0.01 to 0.5: teacher solid, student dashed".into(),
+        );
+        unique_vs_eps(runs, &path)?;
+        let path = add(
+            "grouped_mlcd.png",
+            "Final MLCD π over the K prototypes (thin) against the grouped MLCD Π over the unique-prototype groups at ε = 0.025 (thick), largest mass first, λ = 0 and 0.1".into(),
+        );
+        grouped_mlcd(runs, &path)?;
+        let path = add(
+            "displacement_over_training.png",
+            "Prototype displacement 1 − mean cos(μ_k(t), μ_k(0)) over training: teacher solid, student dashed".into(),
+        );
+        displacement_over_training(runs, &path)?;
+        let path = add(
+            "teacher_entropy_over_training.png",
+            "Mean entropy of the teacher's training targets over training, as a fraction of ln K (1: flat targets)".into(),
+        );
+        entropy_over_training(runs, &path)?;
+        let path = add(
+            "prototype_spread_over_training.png",
+            "Mean nearest-neighbour distance between the teacher's normalised prototypes over training (KoLeo-proto maximises the log of these distances)".into(),
+        );
+        nn_over_training(runs, &path)?;
+        if prefix.is_empty() {
+            let path = add(
+                "knn_vs_lambda.png",
+                "k-NN top-1 (k = 20) against λ; on the long-tailed set also the head and tail classes; hollow: second seed".into(),
+            );
+            knn_vs_lambda(runs, &path)?;
+        }
+    }
     Ok(figs)
 }
 
-fn unique_over_training(runs: &[Value], eps: &str, path: &Path) -> Result<()> {
+/// One panel per (data set, K); `draw` fills each.
+fn panel_figure(
+    runs: &[Value],
+    path: &Path,
+    mut draw: impl FnMut(
+        &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+        &(String, i64),
+        Vec<&Value>,
+    ) -> Result<()>,
+) -> Result<()> {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let ps = panels(runs);
     let areas = root.split_evenly((1, ps.len().max(1)));
     for (p, area) in ps.iter().zip(areas.iter()) {
-        let rs = panel_runs(runs, p);
-        let xmax = rs
-            .iter()
-            .filter_map(|r| r["steps"].as_f64())
-            .fold(1.0, f64::max);
+        draw(area, p, panel_runs(runs, p))?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+fn unique_over_training(runs: &[Value], eps: &str, path: &Path) -> Result<()> {
+    panel_figure(runs, path, |area, p, rs| {
         let mut chart = ChartBuilder::on(area)
             .caption(format!("{} K = {}", p.0, p.1), (FONT, 22))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0f64..xmax, 0f64..(p.1 as f64 * 1.05))
+            .build_cartesian_2d(0f64..xmax(&rs), 0f64..(p.1 as f64 * 1.05))
             .map_err(err)?;
         chart
             .configure_mesh()
@@ -165,64 +278,117 @@ fn unique_over_training(runs: &[Value], eps: &str, path: &Path) -> Result<()> {
             .draw()
             .map_err(err)?;
         for r in rs {
-            let lambda = r["lambda"].as_f64().unwrap_or(0.0);
-            let mut pts: Vec<(f64, f64)> = r["series"]["analyses"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|a| Some((a["step"].as_f64()?, a["unique_greedy"][eps].as_f64()?)))
-                .collect();
-            if let (Some(s), Some(u)) = (
-                r["steps"].as_f64(),
-                r["final"]["collapse"]["unique_greedy"][eps].as_f64(),
-            ) && pts.last().is_none_or(|l| l.0 < s)
-            {
-                pts.push((s, u));
-            }
-            let c = lambda_color(lambda);
-            line(&mut chart, pts, c.stroke_width(3), format!("λ = {lambda}"))?;
+            let t = analysis_series(r, &|a| a["unique_greedy"][eps].as_f64());
+            let s = analysis_series(r, &|a| a["student"]["unique_greedy"][eps].as_f64());
+            line(
+                &mut chart,
+                t,
+                run_style(r),
+                format!("{} teacher", run_label(r)),
+            )?;
+            dashed(
+                &mut chart,
+                s,
+                run_style(r),
+                format!("{} student", run_label(r)),
+            )?;
         }
-        legend(&mut chart, SeriesLabelPosition::LowerLeft, 16)?;
-    }
-    root.present().map_err(err)?;
-    Ok(())
+        legend(&mut chart, SeriesLabelPosition::LowerLeft, 14)
+    })
 }
 
-fn nn_over_training(runs: &[Value], path: &Path) -> Result<()> {
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let ps = panels(runs);
-    let areas = root.split_evenly((1, ps.len().max(1)));
-    for (p, area) in ps.iter().zip(areas.iter()) {
-        let rs = panel_runs(runs, p);
-        let series: Vec<(f64, Vec<(f64, f64)>)> = rs
+fn displacement_over_training(runs: &[Value], path: &Path) -> Result<()> {
+    panel_figure(runs, path, |area, p, rs| {
+        let series: Vec<(&Value, Vec<(f64, f64)>, Vec<(f64, f64)>)> = rs
             .iter()
             .map(|r| {
-                let pts = r["series"]["analyses"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| Some((a["step"].as_f64()?, a["nn_mean"].as_f64()?)))
-                    .collect();
-                (r["lambda"].as_f64().unwrap_or(0.0), pts)
+                (
+                    *r,
+                    analysis_series(r, &|a| a["displacement_teacher"].as_f64()),
+                    analysis_series(r, &|a| a["student"]["displacement"].as_f64()),
+                )
             })
             .collect();
-        let all = series.iter().flat_map(|(_, p)| p.iter().map(|x| x.1));
-        let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), y| {
-            (l.min(y), h.max(y))
-        });
-        let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
-        let pad = ((hi - lo) * 0.1).max(1e-3);
-        let xmax = rs
+        let all: Vec<Vec<(f64, f64)>> = series
             .iter()
-            .filter_map(|r| r["steps"].as_f64())
-            .fold(1.0, f64::max);
+            .flat_map(|(_, t, s)| [t.clone(), s.clone()])
+            .collect();
         let mut chart = ChartBuilder::on(area)
             .caption(format!("{} K = {}", p.0, p.1), (FONT, 22))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d(0f64..xmax, (lo - pad)..(hi + pad))
+            .build_cartesian_2d(0f64..xmax(&rs), y_range(&all, Some(0.0)))
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("displacement")
+            .y_label_formatter(&|v| format!("{v:.2}"))
+            .label_style((FONT, 14))
+            .draw()
+            .map_err(err)?;
+        for (r, t, s) in series {
+            line(
+                &mut chart,
+                t,
+                run_style(r),
+                format!("{} teacher", run_label(r)),
+            )?;
+            dashed(
+                &mut chart,
+                s,
+                run_style(r),
+                format!("{} student", run_label(r)),
+            )?;
+        }
+        legend(&mut chart, SeriesLabelPosition::UpperLeft, 14)
+    })
+}
+
+fn entropy_over_training(runs: &[Value], path: &Path) -> Result<()> {
+    panel_figure(runs, path, |area, p, rs| {
+        let ln_k = (p.1 as f64).ln();
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{} K = {}", p.0, p.1), (FONT, 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..xmax(&rs), 0f64..1.05f64)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("target entropy / ln K")
+            .label_style((FONT, 14))
+            .draw()
+            .map_err(err)?;
+        for r in rs {
+            let pts: Vec<(f64, f64)> = r["series"]["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| Some((x["step"].as_f64()?, x["teacher_entropy"].as_f64()? / ln_k)))
+                .collect();
+            line(&mut chart, pts, run_style(r), run_label(r))?;
+        }
+        legend(&mut chart, SeriesLabelPosition::UpperRight, 14)
+    })
+}
+
+fn nn_over_training(runs: &[Value], path: &Path) -> Result<()> {
+    panel_figure(runs, path, |area, p, rs| {
+        let series: Vec<(&Value, Vec<(f64, f64)>)> = rs
+            .iter()
+            .map(|r| (*r, analysis_series(r, &|a| a["nn_mean"].as_f64())))
+            .collect();
+        let all: Vec<Vec<(f64, f64)>> = series.iter().map(|(_, s)| s.clone()).collect();
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{} K = {}", p.0, p.1), (FONT, 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..xmax(&rs), y_range(&all, None))
             .map_err(err)?;
         chart
             .configure_mesh()
@@ -232,28 +398,33 @@ fn nn_over_training(runs: &[Value], path: &Path) -> Result<()> {
             .label_style((FONT, 14))
             .draw()
             .map_err(err)?;
-        for (lambda, pts) in series {
-            let c = lambda_color(lambda);
-            line(&mut chart, pts, c.stroke_width(3), format!("λ = {lambda}"))?;
+        for (r, pts) in series {
+            line(&mut chart, pts, run_style(r), run_label(r))?;
         }
-        legend(&mut chart, SeriesLabelPosition::UpperLeft, 16)?;
-    }
-    root.present().map_err(err)?;
-    Ok(())
+        legend(&mut chart, SeriesLabelPosition::LowerLeft, 14)
+    })
+}
+
+/// A head's final unique fractions by ε, sorted by ε.
+fn by_eps(c: &Value, k: f64) -> Vec<(f64, f64)> {
+    let mut pts: Vec<(f64, f64)> = c["unique_greedy"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(e, u)| Some((e.parse::<f64>().ok()?, u.as_f64()? / k)))
+        .collect();
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    pts
 }
 
 fn unique_vs_eps(runs: &[Value], path: &Path) -> Result<()> {
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let ps = panels(runs);
-    let areas = root.split_evenly((1, ps.len().max(1)));
-    for (p, area) in ps.iter().zip(areas.iter()) {
+    panel_figure(runs, path, |area, p, rs| {
         let mut chart = ChartBuilder::on(area)
             .caption(format!("{} K = {}", p.0, p.1), (FONT, 22))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d((0.008f64..0.12f64).log_scale(), 0f64..1.05f64)
+            .build_cartesian_2d((0.008f64..0.6f64).log_scale(), 0f64..1.05f64)
             .map_err(err)?;
         chart
             .configure_mesh()
@@ -263,35 +434,32 @@ fn unique_vs_eps(runs: &[Value], path: &Path) -> Result<()> {
             .label_style((FONT, 14))
             .draw()
             .map_err(err)?;
-        for r in panel_runs(runs, p) {
-            let lambda = r["lambda"].as_f64().unwrap_or(0.0);
-            let k = p.1 as f64;
-            let mut pts: Vec<(f64, f64)> = r["final"]["collapse"]["unique_greedy"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter_map(|(e, u)| Some((e.parse::<f64>().ok()?, u.as_f64()? / k)))
-                .collect();
-            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let c = lambda_color(lambda);
+        let k = p.1 as f64;
+        for r in rs {
+            let c = &r["final"]["collapse"];
+            let t = by_eps(c, k);
+            let s = by_eps(&c["student"], k);
+            let style = run_style(r);
             line(
                 &mut chart,
-                pts.clone(),
-                c.stroke_width(3),
-                format!("λ = {lambda}"),
+                t.clone(),
+                style,
+                format!("{} teacher", run_label(r)),
             )?;
+            dashed(&mut chart, s, style, format!("{} student", run_label(r)))?;
             chart
-                .draw_series(pts.into_iter().map(|pt| Circle::new(pt, 4, c.filled())))
+                .draw_series(
+                    t.into_iter()
+                        .map(|pt| Circle::new(pt, 4, style.color.filled())),
+                )
                 .map_err(err)?;
         }
-        legend(&mut chart, SeriesLabelPosition::LowerLeft, 16)?;
-    }
-    root.present().map_err(err)?;
-    Ok(())
+        legend(&mut chart, SeriesLabelPosition::LowerLeft, 14)
+    })
 }
 
 fn knn_vs_lambda(runs: &[Value], path: &Path) -> Result<()> {
-    // λ on a categorical axis: 0, 0.01, 0.1, 1.
+    // λ on a categorical axis.
     let lambdas = [0.0, 0.01, 0.1, 1.0];
     let pos = |l: f64| {
         lambdas
@@ -329,45 +497,54 @@ fn knn_vs_lambda(runs: &[Value], path: &Path) -> Result<()> {
         RGBColor(148, 103, 189),
         RGBColor(214, 39, 40),
         RGBColor(140, 86, 75),
+        RGBColor(44, 160, 44),
     ];
-    let mut series: Vec<(String, &str)> = Vec::new();
+    let mut series: Vec<(String, i64, &str, &str)> = Vec::new();
     for p in panels(runs) {
-        series.push((format!("{} K={}", p.0, p.1), "top1"));
+        series.push((p.0.clone(), p.1, "top1", ""));
         if p.0 == "lt100" {
-            series.push((format!("{} K={} head", p.0, p.1), "head_top1"));
-            series.push((format!("{} K={} tail", p.0, p.1), "tail_top1"));
+            series.push((p.0.clone(), p.1, "head_top1", " head"));
+            series.push((p.0.clone(), p.1, "tail_top1", " tail"));
         }
     }
-    for (i, (label, field)) in series.iter().enumerate() {
-        let mut parts = label.split_whitespace();
-        let (ds, k) = (
-            parts.next().unwrap_or(""),
-            parts
-                .next()
-                .and_then(|x| x.strip_prefix("K="))
-                .and_then(|x| x.parse::<i64>().ok())
-                .unwrap_or(0),
-        );
-        let mut pts: Vec<(f64, f64)> = runs
-            .iter()
-            .filter(|r| r["dataset"] == ds && r["k"] == k)
-            .filter_map(|r| {
-                Some((
-                    pos(r["lambda"].as_f64()?)?,
-                    r["final"]["knn"][*field].as_f64()?,
-                ))
-            })
-            .collect();
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (i, (ds, k, field, suffix)) in series.iter().enumerate() {
+        let of_seed = |seed0: bool| -> Vec<(f64, f64)> {
+            let mut pts: Vec<(f64, f64)> = runs
+                .iter()
+                .filter(|r| r["dataset"] == ds.as_str() && r["k"] == *k)
+                .filter(|r| (r["seed"].as_u64().unwrap_or(0) == 0) == seed0)
+                .filter_map(|r| {
+                    Some((
+                        pos(r["lambda"].as_f64()?)?,
+                        r["final"]["knn"][*field].as_f64()?,
+                    ))
+                })
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            pts
+        };
         let c = palette[i % palette.len()];
         let style = if *field == "top1" {
             c.stroke_width(3)
         } else {
             c.stroke_width(1)
         };
-        line(&mut chart, pts.clone(), style, label.clone())?;
+        let pts = of_seed(true);
+        line(
+            &mut chart,
+            pts.clone(),
+            style,
+            format!("{ds} K={k}{suffix}"),
+        )?;
         chart
             .draw_series(pts.into_iter().map(|pt| Circle::new(pt, 4, c.filled())))
+            .map_err(err)?;
+        chart
+            .draw_series(
+                of_seed(false)
+                    .into_iter()
+                    .map(|pt| Circle::new(pt, 6, c.stroke_width(2))),
+            )
             .map_err(err)?;
     }
     legend(&mut chart, SeriesLabelPosition::LowerRight, 15)?;
@@ -375,30 +552,33 @@ fn knn_vs_lambda(runs: &[Value], path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Sorted masses as (rank, mass) points, zeros left out (log axes).
+fn ranked(v: &Value) -> Vec<(f64, f64)> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, m)| Some(((i + 1) as f64, m.as_f64()?)))
+        .filter(|&(_, m)| m > 0.0)
+        .collect()
+}
+
 fn grouped_mlcd(runs: &[Value], path: &Path) -> Result<()> {
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let ps = panels(runs);
-    let areas = root.split_evenly((1, ps.len().max(1)));
-    for (p, area) in ps.iter().zip(areas.iter()) {
-        let rs: Vec<&Value> = panel_runs(runs, p)
+    panel_figure(runs, path, |area, p, rs| {
+        let rs: Vec<&Value> = rs
             .into_iter()
-            .filter(|r| {
-                let l = r["lambda"].as_f64().unwrap_or(-1.0);
-                l == 0.0 || (l - 0.1).abs() < 1e-12
-            })
+            .filter(|r| r["seed"].as_u64().unwrap_or(0) == 0)
             .collect();
-        let xmax = p.1 as f64;
         let mut chart = ChartBuilder::on(area)
             .caption(format!("{} K = {}", p.0, p.1), (FONT, 22))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d((1f64..xmax).log_scale(), (1e-7f64..1f64).log_scale())
+            .build_cartesian_2d((1f64..p.1 as f64).log_scale(), (1e-7f64..1f64).log_scale())
             .map_err(err)?;
         chart
             .configure_mesh()
-            .x_desc("group rank")
+            .x_desc("rank (prototype or group)")
             .y_desc("probability mass")
             .x_label_formatter(&|v| format!("{v:.0}"))
             .y_label_formatter(&|v| format!("{v:.0e}"))
@@ -406,28 +586,24 @@ fn grouped_mlcd(runs: &[Value], path: &Path) -> Result<()> {
             .draw()
             .map_err(err)?;
         for r in rs {
-            let lambda = r["lambda"].as_f64().unwrap_or(0.0);
-            let pts: Vec<(f64, f64)> = r["final"]["grouped_mass_sorted"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .enumerate()
-                .filter_map(|(i, m)| Some(((i + 1) as f64, m.as_f64()?)))
-                .filter(|&(_, m)| m > 0.0)
-                .collect();
+            let c = lambda_color(r["lambda"].as_f64().unwrap_or(0.0));
             let groups = r["final"]["grouped_mass_sorted"]
                 .as_array()
                 .map_or(0, Vec::len);
-            let c = lambda_color(lambda);
+            let lambda = r["lambda"].as_f64().unwrap_or(0.0);
             line(
                 &mut chart,
-                pts,
+                ranked(&r["final"]["mlcd_mass_sorted"]),
+                c.stroke_width(1),
+                format!("λ = {lambda}: MLCD π (K = {})", p.1),
+            )?;
+            line(
+                &mut chart,
+                ranked(&r["final"]["grouped_mass_sorted"]),
                 c.stroke_width(3),
-                format!("λ = {lambda} ({groups} groups)"),
+                format!("λ = {lambda}: grouped Π ({groups} groups)"),
             )?;
         }
-        legend(&mut chart, SeriesLabelPosition::LowerLeft, 16)?;
-    }
-    root.present().map_err(err)?;
-    Ok(())
+        legend(&mut chart, SeriesLabelPosition::LowerLeft, 14)
+    })
 }

@@ -211,6 +211,9 @@ pub struct AnalysisRecord {
     pub usage: UsageReport,
     /// The grouped MLCD `Π`, largest group first.
     pub grouped_mass_sorted: Vec<f64>,
+    /// The MLCD `π` over the K prototypes, largest first (the curve `Π` is compared against).
+    #[serde(default)]
+    pub mlcd_mass_sorted: Vec<f64>,
     /// Mean per-sample entropy of the teacher's targets against `ln K`.
     pub sharpness: Sharpness,
     /// The teacher temperature the usage targets were formed with.
@@ -312,6 +315,8 @@ impl Analyser<'_> {
             .map(|g| g.mass.clone())
             .unwrap_or_default();
         grouped_mass_sorted.sort_by(|a, b| b.total_cmp(a));
+        let mut mlcd_mass_sorted = usage.soft.clone();
+        mlcd_mass_sorted.sort_by(|a, b| b.total_cmp(a));
         Ok(AnalysisRecord {
             step,
             teacher: teacher.figures,
@@ -319,6 +324,7 @@ impl Analyser<'_> {
             sharpness: Sharpness::of_usage(&usage)?,
             usage,
             grouped_mass_sorted,
+            mlcd_mass_sorted,
             teacher_temp,
         })
     }

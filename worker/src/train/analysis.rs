@@ -341,14 +341,14 @@ pub fn usage_figures(
 
 /// The collapse figures of the final report: the teacher's unique counts, NN statistics and
 /// displacement, the student's figures, and (when a probe set is given) the teacher's usage,
-/// whose grouped part carries the grouped MLCD `Π` sorted from the largest group down
-/// (`usage.grouped.mass_sorted`), and the sharpness of its targets.
+/// whose MLCD `π` and grouped MLCD `Π` are listed sorted from the largest mass down
+/// (`usage.mlcd.mass_sorted`, `usage.grouped.mass_sorted`), and the sharpness of its targets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinalCollapse {
     /// Always `"teacher"`: the head of `report`, `displacement` and `usage`.
     pub head: String,
     pub report: UniqueReport,
-    /// The [`UsageReport`] as JSON, with `grouped.mass_sorted` added.
+    /// The [`UsageReport`] as JSON, with `mlcd.mass_sorted` and `grouped.mass_sorted` added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<serde_json::Value>,
     /// The teacher's displacement from its step-0 prototypes.
@@ -375,6 +375,9 @@ pub fn final_collapse(
         Some((loader, ids)) => {
             let usage = usage_figures(trainer, loader, ids, &teacher.unique)?;
             let mut v = serde_json::to_value(&usage)?;
+            let mut pi = usage.soft.clone();
+            pi.sort_by(|a, b| b.total_cmp(a));
+            v["mlcd"]["mass_sorted"] = json!(pi);
             if let Some(g) = &usage.grouped {
                 let mut m = g.mass.clone();
                 m.sort_by(|a, b| b.total_cmp(a));

@@ -1,25 +1,36 @@
 //! `cargo xtask study [--quick] [--plan collapse|objectives]`: the partial-prototype-collapse
-//! study (reproduce arXiv 2410.14060's finding on real data) and the objective sweep.
+//! study (arXiv 2410.14060's finding, end to end and in the frozen-feature mechanism
+//! experiment) and the objective sweep.
 //!
-//! Every run is a job of the training service: the study starts its own local coordinator with
-//! two worker agents (one libtorch thread each, [`crate::cluster::LocalService`]) and submits each
-//! run's configuration (configs/cpu-demo.toml + configs/study/*.toml + a run overlay, merged into
-//! one TOML file) through the job API, follows it with `protodino watch`, then reads the job's
-//! `metrics.jsonl` (step, collapse and final records) from the checkpoint root and runs
-//! `protodino fewshot` on its final checkpoint. Runs live in `<cache>/study/<plan>/<name>/`; a
-//! finished run (its `result.json`) is reused, an interrupted one starts again. Every run's record
-//! (config, per-analysis series, final figures, wall time) goes to `results.json`, the plots to PNG
-//! files and the tables to `results.md` in the output directory (`docs/` for the collapse study,
-//! `docs/objectives/` for the objective sweep, the plan's `report/` under the cache with
-//! `--quick`).
+//! Modules: this file plans and runs the training service's jobs and builds each run's record;
+//! [`mechanism`] runs the frozen-feature experiment (`protodino-mechanism`) and turns its records
+//! into the same shape; [`report`] writes `results.md` (tables, seed noise, figures).
+//!
+//! End-to-end runs are jobs of the training service: the study starts its own local coordinator
+//! with two worker agents (one libtorch thread each, [`crate::cluster::LocalService`]) and submits
+//! each run's configuration (configs/cpu-demo.toml + configs/study/*.toml + a run overlay, merged
+//! into one TOML file) through the job API, follows it with `protodino watch`, then reads the
+//! job's `metrics.jsonl` (step, collapse and final records) from the checkpoint root and runs
+//! `protodino fewshot` on its final checkpoint (kept with the run). Mechanism runs train only the
+//! DINO head on frozen features, two at a time (one thread each), after the service is stopped.
+//! Runs live in `<cache>/study/<plan>/<name>/`; a finished run (its `result.json`) is reused, an
+//! interrupted one starts again. Every run's record (config, per-analysis series, schedule sums,
+//! final figures, wall time) goes to `results.json`, the plots to PNG files and the tables to
+//! `results.md` in the output directory (`docs/` for the collapse study, `docs/objectives/` for
+//! the objective sweep, the plan's `report/` under the cache with `--quick`).
 //!
 //! Plans:
-//! * `collapse` (default): DINO against DINO + KoLeo-proto over K and λ, balanced and
-//!   long-tailed Fashion-MNIST (`--quick`: four short runs);
+//! * `collapse` (default): DINO against DINO + KoLeo-proto — end to end on balanced
+//!   Fashion-MNIST (K ∈ {1024, 4096}, a second seed at K = 1024) and its long-tailed variant
+//!   (K = 1024), and the mechanism experiment on synthetic clustered features (K ∈ {1024, 4096})
+//!   and on the frozen features of the study's own λ = 0 encoder (K = 1024); always λ ∈ {0, 0.1}
+//!   (`--quick`: the same kinds of run, fewer and shorter);
 //! * `objectives`: demo-sized runs of DINO, iBOT, DINO-vMF and iBOT-vMF, each with λ ∈ {0, 0.1}
 //!   (configs/study/objectives/*.toml).
 
-use std::fmt::Write as _;
+mod mechanism;
+mod report;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,28 +42,52 @@ use serde_json::{Value, json};
 use crate::cache_root;
 use crate::cluster::LocalService;
 use crate::repo_root;
+pub use mechanism::Source;
 
 /// Classes 0–2 of the long-tailed split are the head (6000–2154 images), 7–9 the tail
 /// (215–60 images); the labels are in decreasing order of frequency by construction.
 const HEAD_CLASSES: std::ops::Range<usize> = 0..3;
 const TAIL_CLASSES: std::ops::Range<usize> = 7..10;
 
-/// One training run of the study.
+/// A frozen-feature run: the source of its features and its step count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MechanismRun {
+    source: Source,
+    steps: i64,
+}
+
+/// One run of the study.
 #[derive(Debug, Clone)]
 struct RunSpec {
+    /// `balanced`, `lt100` (end to end) or the mechanism's feature source.
     dataset: &'static str,
     k: i64,
     lambda: f64,
     /// The objective overlay (configs/study/objectives/NAME.toml); None: the collapse study's
     /// DINO with its own recipe (configs/study/base.toml).
     objective: Option<&'static str>,
+    /// `train.seed` (end to end) or `--seed` (mechanism: the head's initialisation and order).
+    seed: u64,
+    /// Some: a frozen-feature run of `protodino-mechanism` instead of a service job.
+    mechanism: Option<MechanismRun>,
 }
 
 impl RunSpec {
     fn name(&self) -> String {
-        match self.objective {
-            Some(o) => format!("{o}-lambda{}", self.lambda),
-            None => format!("{}-k{}-lambda{}", self.dataset, self.k, self.lambda),
+        let seed = if self.seed == 0 {
+            String::new()
+        } else {
+            format!("-seed{}", self.seed)
+        };
+        match (self.mechanism, self.objective) {
+            (Some(m), _) => format!(
+                "mechanism-{}-k{}-lambda{}{seed}",
+                m.source.name(),
+                self.k,
+                self.lambda
+            ),
+            (None, Some(o)) => format!("{o}-lambda{}", self.lambda),
+            (None, None) => format!("{}-k{}-lambda{}{seed}", self.dataset, self.k, self.lambda),
         }
     }
 }
@@ -60,7 +95,7 @@ impl RunSpec {
 /// Which runs `cargo xtask study` makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Plan {
-    /// DINO vs DINO + KoLeo-proto over K and λ, balanced and long-tailed.
+    /// DINO vs DINO + KoLeo-proto: end to end and on frozen features.
     Collapse,
     /// DINO, iBOT, DINO-vMF and iBOT-vMF on the demo recipe, λ ∈ {0, 0.1}.
     Objectives,
@@ -78,46 +113,61 @@ impl Plan {
 /// The objective sweep: each overlay of configs/study/objectives/ with and without KoLeo-proto.
 const OBJECTIVES: [&str; 4] = ["dino", "ibot", "dino-vmf", "ibot-vmf"];
 
+/// The KoLeo-proto weights every comparison is made at.
+const LAMBDAS: [f64; 2] = [0.0, 0.1];
+
+/// The end-to-end run whose final encoder gives the mechanism's real frozen features.
+const ENCODER_RUN: &str = "balanced-k1024-lambda0";
+
 fn plan(which: Plan, quick: bool) -> Vec<RunSpec> {
-    if which == Plan::Objectives {
-        return OBJECTIVES
-            .iter()
-            .flat_map(|&o| {
-                [0.0, 0.1].map(|lambda| RunSpec {
-                    dataset: "balanced",
-                    k: 1024,
-                    lambda,
-                    objective: Some(o),
-                })
-            })
-            .collect();
-    }
-    let r = |dataset, k, lambda| RunSpec {
+    let e2e = |dataset, k, lambda, seed| RunSpec {
         dataset,
         k,
         lambda,
         objective: None,
+        seed,
+        mechanism: None,
     };
-    if quick {
-        return vec![
-            r("balanced", 1024, 0.0),
-            r("balanced", 1024, 0.1),
-            r("lt100", 1024, 0.0),
-            r("lt100", 1024, 0.1),
-        ];
+    let mech = |source: Source, k, lambda, steps| RunSpec {
+        dataset: source.name(),
+        k,
+        lambda,
+        objective: None,
+        seed: 0,
+        mechanism: Some(MechanismRun { source, steps }),
+    };
+    let pairs = |f: &dyn Fn(f64) -> RunSpec| LAMBDAS.map(f).to_vec();
+    if which == Plan::Objectives {
+        return OBJECTIVES
+            .iter()
+            .flat_map(|&o| {
+                pairs(&|lambda| RunSpec {
+                    objective: Some(o),
+                    ..e2e("balanced", 1024, lambda, 0)
+                })
+            })
+            .collect();
     }
-    // The headline pairs first, so a partial study is already informative.
-    let mut v = vec![
-        r("balanced", 1024, 0.0),
-        r("balanced", 1024, 0.1),
-        r("lt100", 1024, 0.0),
-        r("lt100", 1024, 0.1),
-        r("balanced", 4096, 0.0),
-        r("balanced", 4096, 0.1),
-    ];
-    for (k, lambda) in [(1024, 0.01), (1024, 1.0), (4096, 0.01), (4096, 1.0)] {
-        v.push(r("balanced", k, lambda));
+    // The headline pairs first, so a partial study is already informative; the mechanism's real
+    // features need ENCODER_RUN's checkpoint, so the service's runs come before every mechanism
+    // run.
+    let mut v = Vec::new();
+    v.extend(pairs(&|l| e2e("balanced", 1024, l, 0)));
+    v.extend(pairs(&|l| e2e("lt100", 1024, l, 0)));
+    if !quick {
+        v.extend(pairs(&|l| e2e("balanced", 4096, l, 0)));
+        v.extend(pairs(&|l| e2e("balanced", 1024, l, 1)));
     }
+    let (syn, syn4096, real) = if quick {
+        (1200, 0, 300)
+    } else {
+        (4800, 2400, 1200)
+    };
+    v.extend(pairs(&|l| mech(Source::Synthetic, 1024, l, syn)));
+    if syn4096 > 0 {
+        v.extend(pairs(&|l| mech(Source::Synthetic, 4096, l, syn4096)));
+    }
+    v.extend(pairs(&|l| mech(Source::Real, 1024, l, real)));
     v
 }
 
@@ -151,9 +201,16 @@ pub fn study(args: StudyArgs) -> Result<()> {
     crate::libtorch::ensure()?;
     crate::data::ensure()?;
     let font = ensure_font()?;
-    let release = crate::cluster::build_release()?;
+    let plan = plan(args.plan, args.quick);
+    let with_mechanism = plan.iter().any(|s| s.mechanism.is_some());
+    let release = if with_mechanism {
+        crate::cluster::build_release_bins(&[mechanism::BIN])?
+    } else {
+        crate::cluster::build_release()?
+    };
     let bin = release.join("protodino");
     ensure!(bin.exists(), "{} was not built", bin.display());
+    let mechanism_bin = with_mechanism.then(|| release.join(mechanism::BIN.1));
 
     let mode = match (args.plan, args.quick) {
         (Plan::Collapse, false) => "full".to_string(),
@@ -174,16 +231,21 @@ pub fn study(args: StudyArgs) -> Result<()> {
     };
     fs::create_dir_all(&out)?;
     let started = Instant::now();
-    let mut records = Vec::new();
-    let plan = plan(args.plan, args.quick);
-    for (i, spec) in plan.iter().enumerate() {
+    let progress = |i: usize, name: &str| {
         eprintln!(
-            "xtask study: run {}/{}: {} (elapsed {:.1} min)",
+            "xtask study: run {}/{}: {name} (elapsed {:.1} min)",
             i + 1,
             plan.len(),
-            spec.name(),
             started.elapsed().as_secs_f64() / 60.0
-        );
+        )
+    };
+    let mut records = Vec::new();
+    for (i, spec) in plan
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.mechanism.is_none())
+    {
+        progress(i, &spec.name());
         records.push(run_one(
             &mut service,
             &bin,
@@ -195,8 +257,19 @@ pub fn study(args: StudyArgs) -> Result<()> {
     if let Some(s) = service.service.take() {
         s.stop();
     }
+    // Mechanism runs two at a time (one thread each: the two cores), in plan order.
+    let mech: Vec<&RunSpec> = plan.iter().filter(|s| s.mechanism.is_some()).collect();
+    if let Some(mbin) = &mechanism_bin {
+        let encoder = runs_dir.join(ENCODER_RUN).join(FINAL_CHECKPOINT);
+        for chunk in mech.chunks(2) {
+            for s in chunk {
+                let i = plan.iter().position(|p| p.name() == s.name()).unwrap_or(0);
+                progress(i, &s.name());
+            }
+            records.extend(mechanism::run_pair(mbin, &runs_dir, chunk, &encoder)?);
+        }
+    }
     let total = started.elapsed().as_secs_f64();
-    let hardware = hardware();
     let command = format!(
         "cargo xtask study{}{}",
         if args.plan == Plan::Collapse {
@@ -208,7 +281,7 @@ pub fn study(args: StudyArgs) -> Result<()> {
     );
     let doc = json!({
         "command": command,
-        "hardware": hardware,
+        "hardware": hardware(),
         "wall_seconds_this_invocation": total,
         "wall_seconds_sum_of_runs": records.iter().map(|r| r["wall_seconds"].as_f64().unwrap_or(0.0)).sum::<f64>(),
         "plan": args.plan.name(),
@@ -228,10 +301,64 @@ pub fn study(args: StudyArgs) -> Result<()> {
         Plan::Collapse => crate::plots::all(&doc, &out)?,
         Plan::Objectives => Vec::new(),
     };
-    let md = markdown(&doc, &figures);
+    let md = report::markdown(&doc, &figures);
     fs::write(out.join("results.md"), md)?;
     println!("{}", out.join("results.md").display());
     Ok(())
+}
+
+/// Step records kept per run in results.json (the sums use every logged step).
+const SERIES_POINTS: usize = 200;
+
+/// The copy of an end-to-end run's final checkpoint kept in its run directory (the service's
+/// own directory is cleared when a study starts again).
+const FINAL_CHECKPOINT: &str = "final.safetensors";
+
+/// Σ over the run of `field` (`lr`, `1 − momentum`, …) from its step records, each record
+/// standing for the steps since the previous one (exact when every step is logged); `filter`
+/// keeps only some records (e.g. those with the last layer trainable).
+fn schedule_sum(
+    steps: &[Value],
+    value: impl Fn(&Value) -> Option<f64>,
+    filter: impl Fn(&Value) -> bool,
+) -> f64 {
+    let mut prev = 0i64;
+    let mut sum = 0.0;
+    for r in steps {
+        let Some(step) = r["step"].as_i64() else {
+            continue;
+        };
+        let n = (step - prev).max(0) as f64;
+        prev = step;
+        if filter(r)
+            && let Some(v) = value(r)
+        {
+            sum += n * v;
+        }
+    }
+    sum
+}
+
+/// The schedule figures of a run: Σ(1 − m) (how much of the student the teacher took in),
+/// Σ lr over all steps and over the steps whose last layer trained, and the last momentum.
+fn schedule_sums(steps: &[Value]) -> Value {
+    let trainable = |r: &Value| r["last_layer_frozen"].as_bool() != Some(true);
+    json!({
+        "sum_one_minus_momentum": schedule_sum(steps, |r| Some(1.0 - r["momentum"].as_f64()?), |_| true),
+        "sum_lr": schedule_sum(steps, |r| r["lr"].as_f64(), |_| true),
+        "sum_lr_last_layer_trainable": schedule_sum(steps, |r| r["lr"].as_f64(), trainable),
+        "final_momentum": steps.last().map(|r| r["momentum"].clone()),
+    })
+}
+
+/// At most `n` evenly spaced entries of `v` (the last one always kept), for the series in
+/// results.json.
+fn thin(v: Vec<Value>, n: usize) -> Vec<Value> {
+    if v.len() <= n || n < 2 {
+        return v;
+    }
+    let last = v.len() - 1;
+    (0..n).map(|i| v[i * last / (n - 1)].clone()).collect()
 }
 
 /// Evaluation subsets (evenly spaced, so class proportions are kept): memory-bank / few-shot
@@ -310,8 +437,8 @@ fn run_one(
     let mut merged = merge_toml(&configs)?;
     let (knn_train, knn_test) = eval_limits(quick);
     let run_overlay = format!(
-        "[koleo]\nweight = {:?}\n[eval]\nknn_train_images = {knn_train}\nknn_test_images = {knn_test}\n",
-        spec.lambda
+        "[koleo]\nweight = {:?}\n[train]\nseed = {}\n[eval]\nknn_train_images = {knn_train}\nknn_test_images = {knn_test}\n",
+        spec.lambda, spec.seed
     );
     merge_into(&mut merged, run_overlay.parse()?);
     let config_file = dir.join("config.toml");
@@ -351,6 +478,12 @@ fn run_one(
         .context("the job's final report names no checkpoint")?;
     let ckpt = checkpoints.join(ckpt_rel);
     let job_dir = ckpt.parent().context("checkpoint path")?.to_path_buf();
+    // The final checkpoint stays with the run: the mechanism's real features and a later
+    // study's evaluation read it after the service's directory is gone.
+    let kept = dir.join(FINAL_CHECKPOINT);
+    fs::copy(&ckpt, &kept)
+        .with_context(|| format!("copying {} to {}", ckpt.display(), kept.display()))?;
+    let ckpt = kept;
     // Keep the job's own files with the run: its records and resolved configuration.
     let log = dir.join("train.jsonl");
     fs::copy(job_dir.join("metrics.jsonl"), &log)?;
@@ -384,17 +517,20 @@ fn run_one(
     let fewshot: Value = serde_json::from_slice(&fewshot_out.stdout)?;
     let wall = started.elapsed().as_secs_f64();
 
-    // Series: step losses and every analysis.
+    // Series: step losses and schedules, and every analysis.
     let steps: Vec<Value> = lines
         .iter()
         .filter(|r| r["kind"] == "step")
         .map(|r| {
             json!({
                 "step": r["step"], "dino_loss": r["dino_loss"], "koleo_proto": r["koleo_proto"],
-                "total": r["total"], "lr": r["lr"],
+                "total": r["total"], "lr": r["lr"], "momentum": r["momentum"],
+                "teacher_temp": r["teacher_temp"], "teacher_entropy": r["teacher_entropy"],
+                "last_layer_frozen": r["last_layer_frozen"],
             })
         })
         .collect();
+    let sums = schedule_sums(&steps);
     let analyses: Vec<Value> = lines
         .iter()
         .filter(|r| r["kind"] == "collapse")
@@ -421,7 +557,9 @@ fn run_one(
         .unwrap_or(Value::Null);
     let record = json!({
         "name": spec.name(),
+        "kind": "end-to-end",
         "objective": spec.objective,
+        "seed": spec.seed,
         "job_id": job,
         "dataset": spec.dataset,
         "k": spec.k,
@@ -431,11 +569,13 @@ fn run_one(
         "wall_seconds": wall,
         "steps": fin["step"],
         "train_images_per_second": fin["images_per_second"],
-        "series": { "steps": steps, "analyses": analyses },
+        "schedule": sums,
+        "series": { "steps": thin(steps, SERIES_POINTS), "analyses": analyses },
         "final": {
             "last_step": fin["last_step"],
             "collapse": analysis_summary(&fin["collapse"], fin["step"].clone()),
             "grouped_mass_sorted": fin["collapse"]["usage"]["grouped"]["mass_sorted"],
+            "mlcd_mass_sorted": fin["collapse"]["usage"]["mlcd"]["mass_sorted"],
             "knn": {
                 "k": 20,
                 "top1": knn20["top1"],
@@ -514,7 +654,7 @@ fn analysis_summary(r: &Value, step: Value) -> Value {
             "nn_min": r["student"]["report"]["nn"]["min"],
             "displacement": r["student"]["displacement"]["mean"],
         },
-        "ln_k": r["ln_k"],
+        "ln_k": if r["ln_k"].is_null() { r["sharpness"]["ln_k"].clone() } else { r["ln_k"].clone() },
         "teacher_entropy": r["sharpness"]["mean_sample_entropy"],
         "teacher_entropy_relative": r["sharpness"]["relative"],
         "usage_entropy": u["mlcd"]["entropy"],
@@ -604,136 +744,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn f(v: &Value, digits: usize) -> String {
-    match v.as_f64() {
-        Some(x) => format!("{x:.digits$}"),
-        None => "–".into(),
-    }
-}
-
-fn markdown(doc: &Value, figures: &[(String, String)]) -> String {
-    let runs = doc["runs"].as_array().cloned().unwrap_or_default();
-    let mut s = String::new();
-    let title = if doc["plan"] == "objectives" {
-        "Unique prototypes of DINO, iBOT, DINO-vMF and iBOT-vMF on the demo recipe"
-    } else {
-        "Partial prototype collapse and KoLeo-proto on Fashion-MNIST"
-    };
-    let _ = writeln!(s, "# {title}\n");
-    let _ = writeln!(
-        s,
-        "Generated by `{}` from `results.json` (one record per run: configuration, per-analysis \
-         series and final figures). Hardware: {} ({} logical CPUs, {:.0} GiB), no GPU, {}. \
-         Wall time: {:.1} min for this invocation (finished runs are reused, not retrained), \
-         {:.1} min of training and evaluation summed over the runs' own records.\n",
-        doc["command"].as_str().unwrap_or(""),
-        doc["hardware"]["cpu"].as_str().unwrap_or("?"),
-        doc["hardware"]["logical_cpus"],
-        doc["hardware"]["memory_gib"].as_f64().unwrap_or(0.0),
-        doc["hardware"]["libtorch"].as_str().unwrap_or(""),
-        doc["wall_seconds_this_invocation"].as_f64().unwrap_or(0.0) / 60.0,
-        doc["wall_seconds_sum_of_runs"].as_f64().unwrap_or(0.0) / 60.0,
-    );
-    let _ = writeln!(
-        s,
-        "Unique prototypes are counted on the teacher head by greedy grouping at each ε (the \
-         connected-component count is in `results.json`); usage is the teacher's training target \
-         `softmax((z − c)/τ_t)` over 1000 evenly spaced training images (500 with `--quick`); \
-         k-NN is weighted, k = 20, T = 0.07, on teacher CLS features with the run's labelled \
-         training split as memory bank (10 000 evenly spaced images; 5000 with `--quick`) and the balanced 10 000-image test split (2000 with `--quick`); few-shot is \
-         logistic regression on 1/2/5 labelled images per class, mean over 3 seeds. On the \
-         long-tailed split the head classes are {:?} and the tail classes {:?}.\n",
-        HEAD_CLASSES, TAIL_CLASSES
-    );
-    if doc["plan"] == "objectives" {
-        objectives_table(&mut s, &runs);
-        return s;
-    }
-    let _ = writeln!(s, "## Main table\n");
-    let _ = writeln!(
-        s,
-        "| data | K | λ | unique ε=0.01 | ε=0.025 | ε=0.05 | ε=0.1 | KoLeo-proto (teacher) | clusters used | usage eff. clusters | k-NN top-1 | head | tail | 1-shot | 5-shot | steps | min |"
-    );
-    let _ = writeln!(
-        s,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    );
-    for r in &runs {
-        let c = &r["final"]["collapse"];
-        let u = |e: &str| f(&c["unique_greedy"][e], 0);
-        let knn = &r["final"]["knn"];
-        let shot = |n: u64| {
-            r["final"]["fewshot"]
-                .as_array()
-                .and_then(|a| a.iter().find(|x| x["shots"] == n))
-                .map(|x| f(&x["top1_mean"], 1))
-                .unwrap_or_else(|| "–".into())
-        };
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |",
-            r["dataset"].as_str().unwrap_or(""),
-            r["k"],
-            r["lambda"],
-            u("0.01"),
-            u("0.025"),
-            u("0.05"),
-            u("0.1"),
-            f(&c["koleo_proto_teacher"], 4),
-            c["clusters_used"],
-            f(&c["usage_effective"], 1),
-            f(&knn["top1"], 2),
-            f(&knn["head_top1"], 1),
-            f(&knn["tail_top1"], 1),
-            shot(1),
-            shot(5),
-            r["steps"],
-            r["wall_seconds"].as_f64().unwrap_or(0.0) / 60.0
-        );
-    }
-    let _ = writeln!(s, "\n## Figures\n");
-    for (file, caption) in figures {
-        let _ = writeln!(s, "![{caption}]({file})\n\n*{caption}*\n");
-    }
-    let discussion = repo_root().join("docs/discussion.md");
-    if let Ok(text) = fs::read_to_string(discussion) {
-        let _ = writeln!(s, "{text}");
-    }
-    s
-}
-
-/// The objective sweep's table: one row per objective and λ.
-fn objectives_table(s: &mut String, runs: &[Value]) {
-    let _ = writeln!(s, "## Unique prototypes by objective\n");
-    let _ = writeln!(
-        s,
-        "| objective | λ | teacher unique ε=0.025 | ε=0.1 | student unique ε=0.025 | ε=0.1 | NN mean (teacher) | KoLeo-proto (teacher) | displacement (teacher) | clusters used | k-NN top-1 | steps | min |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for r in runs {
-        let c = &r["final"]["collapse"];
-        let u = |e: &str| f(&c["unique_greedy"][e], 0);
-        let su = |e: &str| f(&c["student"]["unique_greedy"][e], 0);
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |",
-            r["objective"].as_str().unwrap_or("?"),
-            r["lambda"],
-            u("0.025"),
-            u("0.1"),
-            su("0.025"),
-            su("0.1"),
-            f(&c["nn_mean"], 4),
-            f(&c["koleo_proto_teacher"], 4),
-            f(&c["displacement_teacher"], 4),
-            c["clusters_used"],
-            f(&r["final"]["knn"]["top1"], 2),
-            r["steps"],
-            r["wall_seconds"].as_f64().unwrap_or(0.0) / 60.0
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -760,7 +770,10 @@ mod tests {
     fn every_planned_run_merges_into_a_valid_configuration() {
         for which in [Plan::Collapse, Plan::Objectives] {
             for quick in [false, true] {
-                for spec in plan(which, quick) {
+                for spec in plan(which, quick)
+                    .into_iter()
+                    .filter(|s| s.mechanism.is_none())
+                {
                     let merged = merge_toml(&run_configs(&spec, quick)).unwrap();
                     let text = toml::to_string(&merged).unwrap();
                     let cfg = protodino_config::TrainConfig::from_toml_str(&text)
@@ -780,5 +793,65 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The collapse plan compares λ = 0 with λ = 0.1 everywhere, runs the encoder of the real
+    /// frozen features before the mechanism, and names every run uniquely.
+    #[test]
+    fn the_collapse_plan_pairs_every_run_and_trains_the_encoder_first() {
+        for quick in [false, true] {
+            let p = plan(Plan::Collapse, quick);
+            let names: Vec<String> = p.iter().map(RunSpec::name).collect();
+            let mut unique = names.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), names.len(), "{names:?}");
+            for s in &p {
+                let twin = if s.lambda == 0.0 { 0.1 } else { 0.0 };
+                assert!(LAMBDAS.contains(&s.lambda), "{}", s.name());
+                assert!(
+                    p.iter().any(|o| o.lambda == twin
+                        && o.k == s.k
+                        && o.dataset == s.dataset
+                        && o.seed == s.seed
+                        && o.mechanism == s.mechanism),
+                    "{} has no λ twin",
+                    s.name()
+                );
+            }
+            let encoder = names
+                .iter()
+                .position(|n| n == ENCODER_RUN)
+                .expect("encoder run");
+            let first_mech = p
+                .iter()
+                .position(|s| s.mechanism.is_some())
+                .expect("mechanism");
+            assert!(encoder < first_mech);
+            assert!(p[first_mech..].iter().all(|s| s.mechanism.is_some()));
+        }
+    }
+
+    #[test]
+    fn schedule_sums_weight_each_record_by_the_steps_it_stands_for() {
+        // Logged every 2 steps: each record stands for two steps.
+        let steps: Vec<Value> = (1..=4)
+            .map(|i| json!({"step": 2 * i, "lr": 0.5, "momentum": 0.75, "last_layer_frozen": i == 1}))
+            .collect();
+        let s = schedule_sums(&steps);
+        assert_eq!(s["sum_lr"].as_f64(), Some(4.0));
+        assert_eq!(s["sum_one_minus_momentum"].as_f64(), Some(2.0));
+        assert_eq!(s["sum_lr_last_layer_trainable"].as_f64(), Some(3.0));
+        assert_eq!(s["final_momentum"].as_f64(), Some(0.75));
+    }
+
+    #[test]
+    fn thinning_keeps_the_ends_and_the_count() {
+        let v: Vec<Value> = (0..1000).map(|i| json!(i)).collect();
+        let t = thin(v.clone(), 200);
+        assert_eq!(t.len(), 200);
+        assert_eq!(t[0], json!(0));
+        assert_eq!(t[199], json!(999));
+        assert_eq!(thin(v[..10].to_vec(), 200).len(), 10);
     }
 }

@@ -1,0 +1,208 @@
+//! The study's frozen-feature runs (the paper's Section 4 argument): `protodino-mechanism`
+//! trains only the product's DINO head (loss, centring, KoLeo-proto, optimiser, EMA) on frozen
+//! features — synthetic clustered ones, or the CLS features of Fashion-MNIST crops through the
+//! study's own λ = 0 encoder, standardised — and records both heads' figures at every analysis.
+//! Two runs go at a time, one libtorch thread each; each record is turned into the shape of an
+//! end-to-end run's ([`super::analysis_summary`]), so the tables and figures treat both alike.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+
+use super::{RunSpec, SERIES_POINTS, analysis_summary, schedule_sums, thin};
+
+/// Where a mechanism run's frozen features come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// 16 balanced clusters on the unit sphere of R^128, 4096 samples, two noisy views.
+    Synthetic,
+    /// Two augmented global crops of 3200 Fashion-MNIST training images through the teacher
+    /// backbone of the study's λ = 0 end-to-end checkpoint, standardised.
+    Real,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Synthetic => "synthetic",
+            Source::Real => "real-frozen",
+        }
+    }
+}
+
+/// Images encoded for the real frozen features.
+const REAL_IMAGES: usize = 3200;
+
+/// The release binary's name (built with the service's, [`crate::cluster::build_release_bins`]).
+pub const BIN: (&str, &str) = ("protodino-mechanism", "protodino-mechanism");
+
+/// The arguments of one run (the head recipe of docs/mechanism.md: batch 256, base lr 2e-3,
+/// teacher momentum 0.99 → 1, τ_t 0.04 on synthetic features and 0.02 on real ones, every step
+/// logged, ten analyses).
+fn args(spec: &RunSpec, dir: &Path, encoder: &Path) -> Result<Vec<String>> {
+    let m = spec.mechanism.context("not a mechanism run")?;
+    let mut a: Vec<String> = match m.source {
+        Source::Synthetic => vec!["synthetic".into()],
+        Source::Real => {
+            ensure!(
+                encoder.exists(),
+                "the real frozen features need {} (the study's end-to-end run comes first)",
+                encoder.display()
+            );
+            vec![
+                "real".into(),
+                "--checkpoint".into(),
+                encoder.display().to_string(),
+                "--images".into(),
+                REAL_IMAGES.to_string(),
+                "--standardize".into(),
+                // The end-to-end recipe's sharper targets: at 0.04 they stayed nearly flat on
+                // these features (docs/mechanism.md).
+                "--teacher-temp".into(),
+                "0.02".into(),
+            ]
+        }
+    };
+    let options = [
+        ("--k", spec.k.to_string()),
+        ("--lambda", spec.lambda.to_string()),
+        ("--steps", m.steps.to_string()),
+        ("--seed", spec.seed.to_string()),
+        ("--lr", "2e-3".to_string()),
+        ("--log-every", "1".to_string()),
+        ("--analysis-every", (m.steps / 10).max(1).to_string()),
+        ("--threads", "1".to_string()),
+        ("--name", "record".to_string()),
+        ("--out", dir.display().to_string()),
+    ];
+    for (flag, value) in options {
+        a.extend([flag.to_string(), value]);
+    }
+    a.push("--quiet".into());
+    Ok(a)
+}
+
+/// Runs (or reuses) up to two mechanism runs side by side; returns their study records.
+pub fn run_pair(
+    bin: &Path,
+    runs_dir: &Path,
+    specs: &[&RunSpec],
+    encoder: &Path,
+) -> Result<Vec<Value>> {
+    struct Running<'a> {
+        spec: &'a RunSpec,
+        dir: PathBuf,
+        child: Option<Child>,
+        started: Instant,
+    }
+    let mut running = Vec::new();
+    for &spec in specs {
+        let dir = runs_dir.join(spec.name());
+        let reuse = dir.join("result.json").exists();
+        let child = if reuse {
+            eprintln!("xtask study: reusing {}", dir.join("result.json").display());
+            None
+        } else {
+            if dir.exists() {
+                fs::remove_dir_all(&dir)?;
+            }
+            fs::create_dir_all(&dir)?;
+            let log = fs::File::create(dir.join("mechanism.log"))?;
+            Some(
+                Command::new(bin)
+                    .args(args(spec, &dir, encoder)?)
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .with_context(|| format!("starting {}", bin.display()))?,
+            )
+        };
+        running.push(Running {
+            spec,
+            dir,
+            child,
+            started: Instant::now(),
+        });
+    }
+    let mut out = Vec::new();
+    for r in running {
+        let result = r.dir.join("result.json");
+        if let Some(mut child) = r.child {
+            let status = child.wait()?;
+            ensure!(
+                status.success(),
+                "{} failed ({status}); its output is in {}",
+                r.spec.name(),
+                r.dir.join("mechanism.log").display()
+            );
+            let text = fs::read_to_string(r.dir.join("record.json"))?;
+            let rec: Value = serde_json::from_str(&text)?;
+            let record = study_record(r.spec, &rec, r.started.elapsed().as_secs_f64());
+            fs::write(&result, serde_json::to_string_pretty(&record)? + "\n")?;
+        }
+        out.push(serde_json::from_str(&fs::read_to_string(&result)?)?);
+    }
+    Ok(out)
+}
+
+/// One analysis of a mechanism record in the shape of a worker's collapse record (teacher
+/// `report` and `displacement`, `student`, `usage`, `sharpness`, `ln_k`).
+fn as_collapse(a: &Value, ln_k: &Value) -> Value {
+    json!({
+        "report": a["teacher"]["report"],
+        "displacement": a["teacher"]["displacement"],
+        "student": a["student"],
+        "usage": a["usage"],
+        "sharpness": a["sharpness"],
+        "ln_k": ln_k,
+    })
+}
+
+/// The study's record of a mechanism run.
+fn study_record(spec: &RunSpec, rec: &Value, wall: f64) -> Value {
+    let ln_k = &rec["ln_k"];
+    let analyses: Vec<Value> = rec["analyses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| analysis_summary(&as_collapse(a, ln_k), a["step"].clone()))
+        .collect();
+    let steps: Vec<Value> = rec["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            json!({
+                "step": r["step"], "dino_loss": r["dino_loss"], "koleo_proto": r["koleo_proto"],
+                "total": r["total"], "lr": r["lr"], "momentum": r["momentum"],
+                "teacher_temp": r["teacher_temp"], "teacher_entropy": r["teacher_entropy"],
+            })
+        })
+        .collect();
+    let fin = &rec["final"];
+    json!({
+        "name": spec.name(),
+        "kind": "mechanism",
+        "objective": Value::Null,
+        "seed": spec.seed,
+        "dataset": spec.dataset,
+        "k": spec.k,
+        "lambda": spec.lambda,
+        "options": rec["options"],
+        "features": rec["features"],
+        "wall_seconds": wall,
+        "steps": rec["steps_run"],
+        "schedule": schedule_sums(&steps),
+        "series": { "steps": thin(steps, SERIES_POINTS), "analyses": analyses },
+        "final": {
+            "collapse": analysis_summary(&as_collapse(fin, ln_k), fin["step"].clone()),
+            "grouped_mass_sorted": fin["grouped_mass_sorted"],
+            "mlcd_mass_sorted": fin["mlcd_mass_sorted"],
+        },
+    })
+}
