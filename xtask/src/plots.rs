@@ -103,6 +103,9 @@ fn panel_runs<'a>(runs: &'a [Value], p: &(String, i64)) -> Vec<&'a Value> {
     v
 }
 
+/// A line's points.
+type Points = Vec<(f64, f64)>;
+
 /// A labelled dashed line (the student's head).
 fn dashed<X, Y>(
     chart: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<X, Y>>,
@@ -299,7 +302,7 @@ fn unique_over_training(runs: &[Value], eps: &str, path: &Path) -> Result<()> {
 
 fn displacement_over_training(runs: &[Value], path: &Path) -> Result<()> {
     panel_figure(runs, path, |area, p, rs| {
-        let series: Vec<(&Value, Vec<(f64, f64)>, Vec<(f64, f64)>)> = rs
+        let series: Vec<(&Value, Points, Points)> = rs
             .iter()
             .map(|r| {
                 (

@@ -206,3 +206,106 @@ fn study_record(spec: &RunSpec, rec: &Value, wall: f64) -> Value {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{MechanismRun, report};
+    use super::*;
+
+    /// A real `protodino-mechanism` record (K = 32, 24 steps, every step logged, analyses at
+    /// steps 0, 12 and 24), as the study reads it.
+    fn fixture() -> Value {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/mechanism-record.json"
+        );
+        serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn spec() -> RunSpec {
+        RunSpec {
+            dataset: Source::Synthetic.name(),
+            k: 32,
+            lambda: 0.0,
+            objective: None,
+            seed: 0,
+            mechanism: Some(MechanismRun {
+                source: Source::Synthetic,
+                steps: 24,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_mechanism_record_becomes_a_study_record_with_both_heads() {
+        let rec = fixture();
+        let r = study_record(&spec(), &rec, 1.5);
+        assert_eq!(r["kind"], "mechanism");
+        assert_eq!(r["name"], "mechanism-synthetic-k32-lambda0");
+        let analyses = r["series"]["analyses"].as_array().unwrap();
+        assert_eq!(
+            analyses
+                .iter()
+                .map(|a| a["step"].as_i64().unwrap())
+                .collect::<Vec<_>>(),
+            [0, 12, 24]
+        );
+        let c = &r["final"]["collapse"];
+        for eps in ["0.01", "0.025", "0.05", "0.1", "0.25", "0.5"] {
+            let t = c["unique_greedy"][eps].as_i64().unwrap();
+            let s = c["student"]["unique_greedy"][eps].as_i64().unwrap();
+            assert!(
+                (1..=32).contains(&t) && (1..=32).contains(&s),
+                "{eps}: {t} {s}"
+            );
+        }
+        let fin = &rec["final"];
+        assert_eq!(c["nn_mean"], fin["teacher"]["report"]["nn"]["mean"]);
+        assert_eq!(
+            c["displacement_teacher"],
+            fin["teacher"]["displacement"]["mean"]
+        );
+        assert_eq!(
+            c["student"]["displacement"],
+            fin["student"]["displacement"]["mean"]
+        );
+        assert_eq!(
+            c["teacher_entropy"],
+            fin["sharpness"]["mean_sample_entropy"]
+        );
+        assert_eq!(c["clusters_used"], fin["usage"]["used_clusters"]);
+        assert_eq!(c["ln_k"], rec["ln_k"]);
+        // Every step was logged: the sums are the schedules' exact sums.
+        let steps = rec["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 24);
+        let lr: f64 = steps.iter().map(|s| s["lr"].as_f64().unwrap()).sum();
+        assert!((r["schedule"]["sum_lr"].as_f64().unwrap() - lr).abs() < 1e-12);
+        assert_eq!(r["final"]["mlcd_mass_sorted"].as_array().unwrap().len(), 32);
+        let pi: f64 = r["final"]["mlcd_mass_sorted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        assert!((pi - 1.0).abs() < 1e-6, "π sums to {pi}");
+    }
+
+    #[test]
+    fn the_report_tabulates_mechanism_runs() {
+        let r = study_record(&spec(), &fixture(), 90.0);
+        let teacher_0025 = r["final"]["collapse"]["unique_greedy"]["0.025"].clone();
+        let doc = json!({"plan": "collapse", "command": "cargo xtask study", "runs": [r]});
+        let md = report::markdown(&doc, &[]);
+        assert!(md.contains("## Mechanism: only the head trains, on frozen features"));
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| synthetic | 32 | 0.0 |"))
+            .unwrap_or_else(|| panic!("no mechanism row in\n{md}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[5], teacher_0025.to_string(), "{row}");
+        assert!(
+            !md.contains("## End to end"),
+            "no end-to-end runs, no table"
+        );
+    }
+}

@@ -219,10 +219,13 @@ fn eps_table(s: &mut String, runs: &[Value]) {
     let _ = writeln!(s);
 }
 
+/// A figure read from a run's record.
+type Figure = fn(&Value) -> Option<f64>;
+
 /// For the data set and K run with more than one seed: each λ's values over the seeds, their
 /// spread, and whether the difference between the λ means exceeds the larger spread.
 fn seed_noise(s: &mut String, runs: &[&Value]) {
-    let metrics: [(&str, fn(&Value) -> Option<f64>); 5] = [
+    let metrics: [(&str, Figure); 5] = [
         ("T unique ε=0.025", |r| {
             r["final"]["collapse"]["unique_greedy"]["0.025"].as_f64()
         }),
