@@ -2,7 +2,7 @@
 //! trains only the product's DINO head (loss, centring, KoLeo-proto, optimiser, EMA) on frozen
 //! features — synthetic clustered ones, or the CLS features of Fashion-MNIST crops through the
 //! study's own λ = 0 encoder, standardised — and records both heads' figures at every analysis.
-//! Two runs go at a time, one libtorch thread each; each record is turned into the shape of an
+//! Two runs go at a time, one libtorch thread each, the most expensive first; each record is turned into the shape of an
 //! end-to-end run's ([`super::analysis_summary`]), so the tables and figures treat both alike.
 
 use std::fs;
@@ -86,68 +86,92 @@ fn args(spec: &RunSpec, dir: &Path, encoder: &Path) -> Result<Vec<String>> {
     Ok(a)
 }
 
-/// Runs (or reuses) up to two mechanism runs side by side; returns their study records.
-pub fn run_pair(
+/// Runs in flight at once (one libtorch thread each: the machine's two cores).
+const SLOTS: usize = 2;
+
+/// A run's relative cost, for the order runs are started in: steps, times K/1024, times 4 with
+/// KoLeo-proto (its nearest-neighbour search over K prototypes dominates at large K).
+fn cost(spec: &RunSpec) -> i64 {
+    let steps = spec.mechanism.map_or(0, |m| m.steps);
+    steps * (spec.k / 1024).max(1) * if spec.lambda > 0.0 { 4 } else { 1 }
+}
+
+/// Runs (or reuses) the mechanism runs, [`SLOTS`] at a time, the most expensive started first so
+/// that the slots finish together; returns their study records in `specs`' order.
+pub fn run_all(
     bin: &Path,
     runs_dir: &Path,
     specs: &[&RunSpec],
     encoder: &Path,
+    progress: &dyn Fn(&RunSpec),
 ) -> Result<Vec<Value>> {
-    struct Running<'a> {
-        spec: &'a RunSpec,
-        dir: PathBuf,
-        child: Option<Child>,
-        started: Instant,
-    }
-    let mut running = Vec::new();
-    for &spec in specs {
-        let dir = runs_dir.join(spec.name());
-        let reuse = dir.join("result.json").exists();
-        let child = if reuse {
-            eprintln!("xtask study: reusing {}", dir.join("result.json").display());
-            None
-        } else {
+    let mut queue: Vec<&RunSpec> = specs.to_vec();
+    queue.sort_by_key(|s| std::cmp::Reverse(cost(s)));
+    let mut queue = queue.into_iter();
+    let mut running: Vec<(&RunSpec, PathBuf, Child, Instant)> = Vec::new();
+    loop {
+        while running.len() < SLOTS {
+            let Some(spec) = queue.next() else { break };
+            let dir = runs_dir.join(spec.name());
+            if dir.join("result.json").exists() {
+                eprintln!("xtask study: reusing {}", dir.join("result.json").display());
+                continue;
+            }
+            progress(spec);
             if dir.exists() {
                 fs::remove_dir_all(&dir)?;
             }
             fs::create_dir_all(&dir)?;
             let log = fs::File::create(dir.join("mechanism.log"))?;
-            Some(
-                Command::new(bin)
-                    .args(args(spec, &dir, encoder)?)
-                    .stdout(log.try_clone()?)
-                    .stderr(log)
-                    .stdin(Stdio::null())
-                    .spawn()
-                    .with_context(|| format!("starting {}", bin.display()))?,
-            )
-        };
-        running.push(Running {
-            spec,
-            dir,
-            child,
-            started: Instant::now(),
-        });
-    }
-    let mut out = Vec::new();
-    for r in running {
-        let result = r.dir.join("result.json");
-        if let Some(mut child) = r.child {
-            let status = child.wait()?;
-            ensure!(
-                status.success(),
-                "{} failed ({status}); its output is in {}",
-                r.spec.name(),
-                r.dir.join("mechanism.log").display()
-            );
-            let text = fs::read_to_string(r.dir.join("record.json"))?;
-            let rec: Value = serde_json::from_str(&text)?;
-            let record = study_record(r.spec, &rec, r.started.elapsed().as_secs_f64());
-            fs::write(&result, serde_json::to_string_pretty(&record)? + "\n")?;
+            let child = Command::new(bin)
+                .args(args(spec, &dir, encoder)?)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            running.push((spec, dir, child, Instant::now()));
         }
-        out.push(serde_json::from_str(&fs::read_to_string(&result)?)?);
+        if running.is_empty() {
+            break;
+        }
+        // Wait for whichever run ends first (the children are polled, not waited on in turn).
+        let done = loop {
+            if let Some(i) = running
+                .iter_mut()
+                .position(|r| matches!(r.2.try_wait(), Ok(Some(_))))
+            {
+                break i;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        };
+        let (spec, dir, mut child, started) = running.swap_remove(done);
+        let status = child.wait()?;
+        ensure!(
+            status.success(),
+            "{} failed ({status}); its output is in {}",
+            spec.name(),
+            dir.join("mechanism.log").display()
+        );
+        let rec: Value = serde_json::from_str(&fs::read_to_string(dir.join("record.json"))?)?;
+        let record = study_record(spec, &rec, started.elapsed().as_secs_f64());
+        fs::write(
+            dir.join("result.json"),
+            serde_json::to_string_pretty(&record)? + "\n",
+        )?;
+        eprintln!(
+            "xtask study: {} done in {:.1} min",
+            spec.name(),
+            started.elapsed().as_secs_f64() / 60.0
+        );
     }
-    Ok(out)
+    specs
+        .iter()
+        .map(|s| {
+            let path = runs_dir.join(s.name()).join("result.json");
+            Ok(serde_json::from_str(&fs::read_to_string(&path)?)?)
+        })
+        .collect()
 }
 
 /// One analysis of a mechanism record in the shape of a worker's collapse record (teacher

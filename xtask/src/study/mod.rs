@@ -257,17 +257,17 @@ pub fn study(args: StudyArgs) -> Result<()> {
     if let Some(s) = service.service.take() {
         s.stop();
     }
-    // Mechanism runs two at a time (one thread each: the two cores), in plan order.
+    // Mechanism runs two at a time (one thread each: the two cores), after the service is gone.
     let mech: Vec<&RunSpec> = plan.iter().filter(|s| s.mechanism.is_some()).collect();
     if let Some(mbin) = &mechanism_bin {
         let encoder = runs_dir.join(ENCODER_RUN).join(FINAL_CHECKPOINT);
-        for chunk in mech.chunks(2) {
-            for s in chunk {
-                let i = plan.iter().position(|p| p.name() == s.name()).unwrap_or(0);
-                progress(i, &s.name());
-            }
-            records.extend(mechanism::run_pair(mbin, &runs_dir, chunk, &encoder)?);
-        }
+        let announce = |s: &RunSpec| {
+            let i = plan.iter().position(|p| p.name() == s.name()).unwrap_or(0);
+            progress(i, &s.name());
+        };
+        records.extend(mechanism::run_all(
+            mbin, &runs_dir, &mech, &encoder, &announce,
+        )?);
     }
     let total = started.elapsed().as_secs_f64();
     let command = format!(
