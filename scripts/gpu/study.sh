@@ -119,7 +119,7 @@ for lam in lambdas:
         run["displacement_teacher"] = last["displacement"]["mean"]
         sh = last.get("sharpness")
         if sh:
-            run["teacher_entropy"], run["ln_k"] = sh["mean_sample_entropy"], last["ln_k"]
+            run["teacher_entropy"], run["ln_k"] = sh["mean_sample_entropy"], sh.get("ln_k", last.get("ln_k"))
         if last.get("usage"):
             run["clusters_used"] = last["usage"]["used_clusters"]
     if final:
