@@ -125,6 +125,22 @@ where
     Ok(())
 }
 
+/// A run's teacher series solid and its student series dashed, in the run's style.
+fn both_heads<X, Y>(
+    chart: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<X, Y>>,
+    r: &Value,
+    teacher: Points,
+    student: Points,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    let label = run_label(r);
+    line(chart, teacher, run_style(r), format!("{label} teacher"))?;
+    dashed(chart, student, run_style(r), format!("{label} student"))
+}
+
 /// The run's λ (and seed, when not 0) for a legend.
 fn run_label(r: &Value) -> String {
     let lambda = r["lambda"].as_f64().unwrap_or(0.0);
@@ -283,18 +299,7 @@ fn unique_over_training(runs: &[Value], eps: &str, path: &Path) -> Result<()> {
         for r in rs {
             let t = analysis_series(r, &|a| a["unique_greedy"][eps].as_f64());
             let s = analysis_series(r, &|a| a["student"]["unique_greedy"][eps].as_f64());
-            line(
-                &mut chart,
-                t,
-                run_style(r),
-                format!("{} teacher", run_label(r)),
-            )?;
-            dashed(
-                &mut chart,
-                s,
-                run_style(r),
-                format!("{} student", run_label(r)),
-            )?;
+            both_heads(&mut chart, r, t, s)?;
         }
         legend(&mut chart, SeriesLabelPosition::LowerLeft, 14)
     })
@@ -332,18 +337,7 @@ fn displacement_over_training(runs: &[Value], path: &Path) -> Result<()> {
             .draw()
             .map_err(err)?;
         for (r, t, s) in series {
-            line(
-                &mut chart,
-                t,
-                run_style(r),
-                format!("{} teacher", run_label(r)),
-            )?;
-            dashed(
-                &mut chart,
-                s,
-                run_style(r),
-                format!("{} student", run_label(r)),
-            )?;
+            both_heads(&mut chart, r, t, s)?;
         }
         legend(&mut chart, SeriesLabelPosition::UpperLeft, 14)
     })
@@ -443,13 +437,7 @@ fn unique_vs_eps(runs: &[Value], path: &Path) -> Result<()> {
             let t = by_eps(c, k);
             let s = by_eps(&c["student"], k);
             let style = run_style(r);
-            line(
-                &mut chart,
-                t.clone(),
-                style,
-                format!("{} teacher", run_label(r)),
-            )?;
-            dashed(&mut chart, s, style, format!("{} student", run_label(r)))?;
+            both_heads(&mut chart, r, t.clone(), s)?;
             chart
                 .draw_series(
                     t.into_iter()

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
-use super::{RunSpec, SERIES_POINTS, analysis_summary, schedule_sums, thin};
+use super::{RunSpec, SERIES_POINTS, analysis_summary, schedule_sums, step_summary, thin};
 
 /// Where a mechanism run's frozen features come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,13 +200,7 @@ fn study_record(spec: &RunSpec, rec: &Value, wall: f64) -> Value {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|r| {
-            json!({
-                "step": r["step"], "dino_loss": r["dino_loss"], "koleo_proto": r["koleo_proto"],
-                "total": r["total"], "lr": r["lr"], "momentum": r["momentum"],
-                "teacher_temp": r["teacher_temp"], "teacher_entropy": r["teacher_entropy"],
-            })
-        })
+        .map(step_summary)
         .collect();
     let fin = &rec["final"];
     json!({

@@ -351,6 +351,28 @@ fn schedule_sums(steps: &[Value]) -> Value {
     })
 }
 
+/// The fields of a step record (the worker's or the mechanism's) the study keeps: losses,
+/// schedules and target entropy; those a record lacks are left out.
+fn step_summary(r: &Value) -> Value {
+    const FIELDS: [&str; 9] = [
+        "step",
+        "dino_loss",
+        "koleo_proto",
+        "total",
+        "lr",
+        "momentum",
+        "teacher_temp",
+        "teacher_entropy",
+        "last_layer_frozen",
+    ];
+    FIELDS
+        .iter()
+        .filter(|f| !r[**f].is_null())
+        .map(|f| (f.to_string(), r[*f].clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 /// At most `n` evenly spaced entries of `v` (the last one always kept), for the series in
 /// results.json.
 fn thin(v: Vec<Value>, n: usize) -> Vec<Value> {
@@ -521,14 +543,7 @@ fn run_one(
     let steps: Vec<Value> = lines
         .iter()
         .filter(|r| r["kind"] == "step")
-        .map(|r| {
-            json!({
-                "step": r["step"], "dino_loss": r["dino_loss"], "koleo_proto": r["koleo_proto"],
-                "total": r["total"], "lr": r["lr"], "momentum": r["momentum"],
-                "teacher_temp": r["teacher_temp"], "teacher_entropy": r["teacher_entropy"],
-                "last_layer_frozen": r["last_layer_frozen"],
-            })
-        })
+        .map(step_summary)
         .collect();
     let sums = schedule_sums(&steps);
     let analyses: Vec<Value> = lines
